@@ -1,0 +1,5 @@
+import sys
+
+from trustswarm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,29 @@
+"""The `trustswarm` command line: `model`, `node` (and later `verifier`, `reputation`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trustswarm.models import cli as model_cli
+from trustswarm.node import cli as node_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trustswarm",
+        description="Run a language model across a swarm of untrusted machines.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_cli.register(sub)
+    node_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""DistributedModelForCausalLM: embeddings and LM head local, blocks in the swarm."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import trio
+from torch import nn
+
+from trustswarm.models.store import ModelDir
+from trustswarm.protocol.identity import Identity
+from trustswarm.protocol.transport import make_host
+
+from .autograd import RemoteBlocks
+from .generation import generate as _generate
+from .loop import BackgroundLoop
+from .sequential import RemotePasses
+from .session import InferenceSession
+from .swarm import SwarmClient, SwarmView
+
+log = logging.getLogger("trustswarm.client")
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+def default_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as Hugging Face derives them from a (left-padded) mask."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+class DistributedModelForCausalLM(nn.Module):
+    """A causal LM whose transformer blocks run on remote servers.
+
+    `forward` and `generate` follow Hugging Face conventions; the network runs in a
+    background thread, so the API is synchronous. Call `close()` (or use `with`).
+    """
+
+    def __init__(
+        self,
+        model_dir: ModelDir,
+        loop: BackgroundLoop,
+        swarm: SwarmClient,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        parts = model_dir.load_client_parts(dtype)
+        self.model_dir = model_dir
+        self.config = model_dir.config
+        self.embed_tokens = parts.embed_tokens
+        self.norm = parts.norm
+        self.lm_head = parts.lm_head
+        self._loop = loop
+        self.swarm = swarm
+        self.passes = RemotePasses(swarm)
+        self.num_blocks = model_dir.num_blocks
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        initial_peers: Sequence[str],
+        *,
+        identity: Identity | None = None,
+        swarm_key: str | None = None,
+        request_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> DistributedModelForCausalLM:
+        directory = ModelDir.open(model_dir)
+        if not initial_peers:
+            raise ValueError("initial_peers must name at least one peer of the swarm")
+        identity = identity or Identity.generate()  # fresh identity: unlinkable clients
+        view = SwarmView(
+            model_id=directory.manifest.model_id,
+            span_digest=directory.manifest.span_digest,
+            request_timeout=request_timeout,
+        )
+        swarm = SwarmClient(
+            make_host(identity, swarm_key), view, initial_peers, connect_timeout=connect_timeout
+        )
+        loop = BackgroundLoop()
+
+        async def setup(nursery: trio.Nursery) -> None:
+            await nursery.start(swarm.run)
+
+        loop.start(setup)
+        try:
+            return cls(directory, loop, swarm, dtype)
+        except BaseException:
+            loop.close()
+            raise
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def run_async(self, fn, *args):  # noqa: ANN001, ANN201 - thin bridge to the loop
+        return self._loop.run(fn, *args)
+
+    def close(self) -> None:
+        self._loop.close()
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    # -- forward --------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, tokens = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, tokens, dtype=torch.long)
+        if position_ids is None:
+            position_ids = default_positions(attention_mask)
+        hidden = RemoteBlocks.apply(
+            inputs_embeds.float(), self.passes, self, position_ids.long(), attention_mask.long()
+        )
+        logits = self.lm_head(self.norm(hidden.to(self.norm.weight.dtype))).float()
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    # -- inference ------------------------------------------------------------------
+
+    def inference_session(self, max_length: int, batch_size: int = 1) -> SyncInferenceSession:
+        session = InferenceSession(self.swarm, 0, self.num_blocks, max_length, batch_size)
+        self.run_async(session.open)
+        return SyncInferenceSession(self, session)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        """Hugging Face-style generate: greedy or sampling, max_new_tokens, attention_mask."""
+        return _generate(self, input_ids, **kwargs)
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden.to(self.norm.weight.dtype))).float()
+
+
+class SyncInferenceSession:
+    """Synchronous handle on an InferenceSession; use as a context manager."""
+
+    def __init__(self, model: DistributedModelForCausalLM, session: InferenceSession) -> None:
+        self.model = model
+        self.session = session
+
+    @property
+    def length(self) -> int:
+        return self.session.length
+
+    def step(
+        self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model.run_async(self.session.step, hidden, positions, mask)
+
+    def close(self) -> None:
+        self.model.run_async(self.session.close)
+
+    def __enter__(self) -> SyncInferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

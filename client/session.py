@@ -1,0 +1,190 @@
+"""Inference sessions across a chain of servers, with failover by history replay.
+
+Each hop keeps a long-lived stream and a server-side KV cache. The client keeps
+the inputs it sent to every hop, so when a server fails, a replacement route for
+that hop's blocks is given the whole history in one step and generation goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+import trio
+from libp2p.abc import INetStream
+from libp2p.peer.id import ID
+
+from trustswarm.protocol import protocols
+from trustswarm.protocol.codec import Message
+from trustswarm.protocol.errors import SwarmError
+from trustswarm.protocol.framing import raise_if_error, receive_message, send_message
+
+from .routing import Hop
+from .rpc import SpanCall, checked_answer, close_quietly, open_stream
+from .swarm import SwarmClient
+
+log = logging.getLogger("trustswarm.client")
+
+
+@dataclass
+class _HopSession:
+    call: SpanCall
+    stream: INetStream
+    session_id: str
+    step: int = 0
+    # Everything this hop's blocks have been fed so far: the replay for a replacement.
+    inputs: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+    def remember(self, hidden: torch.Tensor, positions: torch.Tensor) -> None:
+        self.inputs = hidden if self.inputs is None else torch.cat([self.inputs, hidden], dim=1)
+        self.positions = (
+            positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
+        )
+
+
+@dataclass
+class InferenceSession:
+    swarm: SwarmClient
+    start: int
+    end: int
+    max_length: int
+    batch_size: int
+    max_failures: int = 8
+    hops: list[_HopSession] = field(default_factory=list)
+    length: int = 0
+    mask: torch.Tensor | None = None
+    failures: int = 0
+    served_by: list[list[str]] = field(default_factory=list)
+
+    @property
+    def timeout(self) -> float:
+        return self.swarm.view.request_timeout
+
+    async def open(self) -> None:
+        self.hops = await self._open_route(self.start, self.end)
+
+    async def close(self) -> None:
+        for hop in self.hops:
+            await close_quietly(hop.stream)
+        self.hops = []
+
+    async def _open_hop(self, hop: Hop) -> _HopSession:
+        peer_id = ID.from_base58(hop.server.peer_id)
+        call = SpanCall(
+            peer_id,
+            self.swarm.view.model_id,
+            hop.start,
+            hop.end,
+            self.swarm.view.span_digest(hop.start, hop.end),
+        )
+        await self.swarm.ensure_connected(peer_id)
+        stream = await open_stream(self.swarm.host, peer_id, protocols.INFERENCE, self.timeout)
+        session_id = secrets.token_hex(16)
+        try:
+            with trio.fail_after(self.timeout):
+                await send_message(
+                    stream,
+                    Message(
+                        meta={
+                            "start": str(hop.start),
+                            "end": str(hop.end),
+                            "session_id": session_id,
+                            "max_length": str(self.max_length),
+                            "batch_size": str(self.batch_size),
+                        }
+                    ),
+                )
+                answer, _ = await receive_message(stream)
+            raise_if_error(answer)
+        except BaseException:
+            await close_quietly(stream)
+            raise
+        return _HopSession(call, stream, session_id)
+
+    async def _open_route(self, start: int, end: int) -> list[_HopSession]:
+        while True:
+            route = self.swarm.view.inference_route(start, end)
+            opened: list[_HopSession] = []
+            try:
+                for hop in route:
+                    opened.append(await self._open_hop(hop))
+                return opened
+            except Exception as exc:
+                for h in opened:
+                    await close_quietly(h.stream)
+                failed = route[len(opened)].server.peer_id
+                self._fail(failed, f"could not open session: {exc}")
+
+    def _fail(self, peer_id: str, reason: str) -> None:
+        self.failures += 1
+        self.swarm.view.ban(peer_id, reason)
+        if self.failures > self.max_failures:
+            raise SwarmError(
+                f"inference failed after {self.failures} server failures; last: {reason}"
+            )
+
+    async def _send_step(
+        self, hop: _HopSession, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        request = Message(
+            tensors={"hidden_states": hidden, "position_ids": positions, "attention_mask": mask},
+            meta={"session_id": hop.session_id, "step": str(hop.step)},
+        )
+        with trio.fail_after(self.timeout):
+            raw = await send_message(hop.stream, request)
+            answer, _ = await receive_message(hop.stream)
+        output = checked_answer(
+            hop.call, "inference", raw, answer, "hidden_states", hop.session_id, hop.step
+        )
+        if output.shape != hidden.shape:
+            raise SwarmError(
+                f"server answered shape {list(output.shape)}, expected {list(hidden.shape)}"
+            )
+        hop.step += 1
+        return output.float()
+
+    async def step(
+        self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Run new tokens through all blocks. `mask` covers past and new tokens."""
+        tokens = hidden.shape[1]
+        if self.length + tokens > self.max_length:
+            raise SwarmError(f"session max_length {self.max_length} exceeded")
+        hidden = hidden.float().contiguous()
+        i = 0
+        while i < len(self.hops):
+            hop = self.hops[i]
+            try:
+                output = await self._send_step(hop, hidden, positions, mask)
+            except Exception as exc:
+                await close_quietly(hop.stream)
+                self._fail(str(hop.call.peer_id), f"step failed: {type(exc).__name__}: {exc}")
+                self.hops[i : i + 1] = await self._replace(hop, mask[:, : self.length])
+                continue
+            hop.remember(hidden, positions)
+            hidden = output
+            i += 1
+        self.length += tokens
+        return hidden
+
+    async def _replace(self, failed: _HopSession, past_mask: torch.Tensor) -> list[_HopSession]:
+        """Open a new route for the failed hop's blocks and replay its history."""
+        while True:
+            replacement = await self._open_route(failed.call.start, failed.call.end)
+            if failed.inputs is None:
+                return replacement
+            hidden, positions = failed.inputs, failed.positions
+            try:
+                for hop in replacement:
+                    output = await self._send_step(hop, hidden, positions, past_mask)
+                    hop.remember(hidden, positions)
+                    hidden = output
+                return replacement
+            except Exception as exc:
+                for hop in replacement:
+                    await close_quietly(hop.stream)
+                bad = next(h for h in replacement if h.inputs is None)
+                self._fail(str(bad.call.peer_id), f"history replay failed: {exc}")

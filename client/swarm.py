@@ -1,0 +1,193 @@
+"""The client's view of the swarm: discovery, health, bans with backoff, routes."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import multiaddr
+import trio
+from libp2p.abc import IHost
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+
+from trustswarm.protocol.announcement import (
+    Announcement,
+    AnnouncementValidator,
+    SignedAnnouncement,
+    providers_key,
+)
+from trustswarm.protocol.errors import SwarmError
+from trustswarm.protocol.identity import parse_peer_id
+from trustswarm.protocol.info import call_info
+from trustswarm.protocol.protocols import DHT_NAMESPACE
+from trustswarm.protocol.transport import connect_peers, parse_peer_addr
+
+from .routing import Hop, latency_route, throughput_route
+
+log = logging.getLogger("trustswarm.client")
+
+
+@dataclass
+class Ban:
+    failures: int
+    until: float
+    reason: str
+
+
+@dataclass
+class SwarmView:
+    """Servers we know for one model, with measured RTTs and the bans we hold."""
+
+    model_id: str
+    span_digest: object  # Callable[[int, int], str]; checked against announcements
+    request_timeout: float = 30.0
+    ban_base: float = 15.0
+    ban_max: float = 600.0
+    servers: dict[str, Announcement] = field(default_factory=dict)
+    rtts: dict[str, float] = field(default_factory=dict)
+    bans: dict[str, Ban] = field(default_factory=dict)
+    banned_for_session: set[str] = field(default_factory=set)
+
+    def consider(self, signed: SignedAnnouncement) -> bool:
+        """Accept a verified, unexpired announcement for our model with the right weights."""
+        try:
+            signed.verify()
+        except Exception:
+            return False
+        ann = signed.announcement
+        if ann.model_id != self.model_id or ann.weights_digest != self.span_digest(
+            ann.start, ann.end
+        ):
+            return False
+        current = self.servers.get(ann.peer_id)
+        if current is None or current.issued_at <= ann.issued_at:
+            self.servers[ann.peer_id] = ann
+        return True
+
+    def ban(self, peer_id: str, reason: str) -> None:
+        previous = self.bans.get(peer_id)
+        failures = previous.failures + 1 if previous else 1
+        seconds = min(self.ban_max, self.ban_base * 2 ** (failures - 1))
+        self.bans[peer_id] = Ban(failures, time.monotonic() + seconds, reason)
+        log.warning("banning %s for %.0f s: %s", peer_id, seconds, reason)
+
+    def usable(self, exclude: Sequence[str] = ()) -> list[Announcement]:
+        now, wall = time.monotonic(), time.time()
+        return [
+            ann
+            for peer, ann in self.servers.items()
+            if not ann.expired(wall)
+            and peer not in exclude
+            and peer not in self.banned_for_session
+            and (peer not in self.bans or self.bans[peer].until <= now)
+        ]
+
+    def inference_route(self, start: int, end: int, exclude: Sequence[str] = ()) -> list[Hop]:
+        return latency_route(self.usable(exclude), start, end, self.rtts)
+
+    def forward_route(self, start: int, end: int, rng: random.Random | None = None) -> list[Hop]:
+        return throughput_route(self.usable(), start, end, rng)
+
+
+class SwarmClient:
+    """Network side of a client: a libp2p host, a DHT client, and a SwarmView."""
+
+    def __init__(
+        self,
+        host: IHost,
+        view: SwarmView,
+        initial_peers: Sequence[str],
+        connect_timeout: float = 10.0,
+        refresh_every: float = 30.0,
+    ) -> None:
+        self.host = host
+        self.view = view
+        self.initial_peers = [parse_peer_addr(a) for a in initial_peers]
+        self.connect_timeout = connect_timeout
+        self.refresh_every = refresh_every
+        self.dht: KadDHT | None = None
+        self.dht_lookups = True
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Join the swarm, learn its servers, then refresh periodically until cancelled."""
+        from libp2p.tools.anyio_service import background_trio_service
+
+        async with self.host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            self.dht = KadDHT(self.host, DHTMode.CLIENT)
+            self.dht.register_validator(DHT_NAMESPACE, AnnouncementValidator())
+            async with background_trio_service(self.dht):
+                await connect_peers(
+                    self.host,
+                    self.dht,
+                    [str(i.addrs[0]) + f"/p2p/{i.peer_id}" for i in self.initial_peers],
+                    self.connect_timeout,
+                )
+                await self.refresh()
+                if not self.view.servers:
+                    raise SwarmError("the initial peers know no servers for this model")
+                task_status.started()
+                while True:
+                    await trio.sleep(self.refresh_every)
+                    try:
+                        await self.refresh()
+                    except Exception as exc:  # keep the old view; try again later
+                        log.warning("refreshing the swarm view failed: %s", exc)
+
+    async def refresh(self) -> None:
+        """Ask known peers (and the DHT) which servers exist; measure RTTs."""
+        candidates: dict[str, list[multiaddr.Multiaddr]] = {
+            str(i.peer_id): list(i.addrs) for i in self.initial_peers
+        }
+        for ann in self.view.servers.values():
+            candidates.setdefault(ann.peer_id, [multiaddr.Multiaddr(a) for a in ann.addrs])
+        if self.dht is not None and self.dht_lookups:
+            with trio.move_on_after(self.connect_timeout):
+                try:
+                    for info in await self.dht.find_providers(providers_key(self.view.model_id)):
+                        candidates.setdefault(str(info.peer_id), list(info.addrs))
+                except Exception as exc:
+                    log.debug("DHT provider lookup failed: %s", exc)
+        async with trio.open_nursery() as nursery:
+            for peer, addrs in candidates.items():
+                nursery.start_soon(self._ask, peer, addrs)
+        # Announcements learned second-hand whose servers we have not contacted yet.
+        fresh = {p: a for p, a in self.view.servers.items() if p not in candidates}
+        async with trio.open_nursery() as nursery:
+            for peer, ann in fresh.items():
+                nursery.start_soon(self._ask, peer, [multiaddr.Multiaddr(a) for a in ann.addrs])
+
+    async def _ask(self, peer: str, addrs: list[multiaddr.Multiaddr]) -> None:
+        try:
+            peer_id = parse_peer_id(peer)
+            if peer_id == self.host.get_id():
+                return
+            with trio.fail_after(self.connect_timeout):
+                await self.host.connect(PeerInfo(peer_id, [_strip_p2p(a) for a in addrs]))
+            info = await call_info(self.host, peer_id, self.connect_timeout)
+        except Exception as exc:
+            log.debug("server %s did not answer info: %s", peer, exc)
+            self.view.servers.pop(peer, None)
+            return
+        self.view.rtts[peer] = info.rtt
+        self.view.consider(info.announcement)
+        for other in info.known:
+            self.view.consider(other)
+
+    async def ensure_connected(self, peer_id: ID) -> None:
+        ann = self.view.servers.get(str(peer_id))
+        if ann is None:
+            return
+        with trio.fail_after(self.connect_timeout):
+            await self.host.connect(
+                PeerInfo(peer_id, [_strip_p2p(multiaddr.Multiaddr(a)) for a in ann.addrs])
+            )
+
+
+def _strip_p2p(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
+    text = str(addr)
+    return multiaddr.Multiaddr(text.split("/p2p/")[0]) if "/p2p/" in text else addr

@@ -1,0 +1,178 @@
+"""`trustswarm node start`: run a block server until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import trio
+
+from trustswarm.models.errors import ModelDirError
+from trustswarm.models.store import ModelDir
+from trustswarm.protocol.errors import TrustswarmError
+from trustswarm.protocol.identity import Identity
+from trustswarm.protocol.transport import load_swarm_key, parse_peer_addr
+
+from .config import ServerConfig
+from .server import BlockServer
+
+log = logging.getLogger("trustswarm.node")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_span(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--blocks must look like START:END, got {text!r}"
+        ) from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"--blocks {text!r}: need 0 <= START < END")
+    return start, end
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    node = subparsers.add_parser("node", help="run a block server")
+    sub = node.add_subparsers(dest="node_command", required=True)
+    start = sub.add_parser("start", help="serve a span of transformer blocks")
+    start.add_argument(
+        "--model", type=Path, required=True, help="model directory (see `model import`)"
+    )
+    start.add_argument(
+        "--blocks",
+        type=parse_span,
+        default=None,
+        help="span START:END to serve (default: the span the swarm covers worst)",
+    )
+    start.add_argument(
+        "--num-blocks",
+        type=positive_int,
+        default=None,
+        help="with no --blocks: how many blocks to serve (default: all)",
+    )
+    start.add_argument(
+        "--identity",
+        type=Path,
+        required=True,
+        help="Ed25519 key file; created if missing, so the peer id is stable",
+    )
+    start.add_argument(
+        "--listen",
+        action="append",
+        default=None,
+        help="multiaddr to listen on (repeatable; default /ip4/0.0.0.0/tcp/31330)",
+    )
+    peers = start.add_mutually_exclusive_group(required=True)
+    peers.add_argument(
+        "--initial-peers",
+        nargs="+",
+        default=None,
+        metavar="MULTIADDR",
+        help="full multiaddrs (…/p2p/<peer id>) of peers already in the swarm",
+    )
+    peers.add_argument("--new-swarm", action="store_true", help="start a new swarm")
+    start.add_argument(
+        "--swarm-key",
+        type=Path,
+        default=None,
+        help="private swarm: file with a 64-hex-char pre-shared key",
+    )
+    start.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    start.add_argument("--max-sessions", type=positive_int, default=ServerConfig.max_sessions)
+    start.add_argument(
+        "--max-session-tokens", type=positive_int, default=ServerConfig.max_session_tokens
+    )
+    start.add_argument("--max-batch", type=positive_int, default=ServerConfig.max_batch)
+    start.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's choice)",
+    )
+    start.add_argument("--log-level", default="INFO")
+    start.set_defaults(func=run_start)
+
+
+def run_start(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        model_dir = ModelDir.open(args.model)
+        if args.blocks and args.blocks[1] > model_dir.num_blocks:
+            raise ModelDirError(
+                f"--blocks {args.blocks[0]}:{args.blocks[1]} exceeds the model's "
+                f"{model_dir.num_blocks} blocks"
+            )
+        identity = Identity.load_or_create(args.identity)
+        swarm_key = load_swarm_key(args.swarm_key) if args.swarm_key else None
+        initial = args.initial_peers or []
+        for text in initial:
+            parse_peer_addr(text)
+    except (TrustswarmError, ModelDirError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ServerConfig(
+        max_sessions=args.max_sessions,
+        max_session_tokens=args.max_session_tokens,
+        max_batch=args.max_batch,
+    )
+    server = BlockServer(
+        identity=identity,
+        model_dir=model_dir,
+        config=config,
+        span=args.blocks,
+        span_length=args.num_blocks,
+        dtype=DTYPES[args.dtype],
+        swarm_key=swarm_key,
+    )
+    listen = args.listen or ["/ip4/0.0.0.0/tcp/31330"]
+    try:
+        trio.run(_serve_until_signal, server, listen, initial)
+    except KeyboardInterrupt:
+        pass
+    except TrustswarmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve_until_signal(server: BlockServer, listen: list[str], initial: list[str]) -> None:
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(server.serve, listen, initial)
+        runner = server.runner
+        for addr in addrs:
+            print(addr, flush=True)
+        log.info(
+            "serving blocks %d:%d of %s as %s (%s, %.0f tokens/s)",
+            runner.start,
+            runner.end,
+            server.model_id,
+            server.identity.peer_id,
+            runner.dtype,
+            server.throughput,
+        )
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                return

@@ -1,0 +1,20 @@
+"""Block server settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trustswarm.protocol.limits import DEFAULT_LIMITS, Limits
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    max_sessions: int = 32  # concurrent inference sessions
+    max_session_tokens: int = 2048  # max_length a session may ask for
+    max_batch: int = 32
+    max_tokens_per_request: int = 8192  # batch * new tokens in one forward / step
+    session_idle_timeout: float = 300.0  # seconds without a step before a session is dropped
+    request_timeout: float = 60.0  # seconds to receive one whole request frame
+    announce_ttl: float = 120.0
+    announce_every: float = 30.0
+    limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)

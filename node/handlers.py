@@ -1,0 +1,213 @@
+"""Stream handlers of a block server: info, forward, backward, inference.
+
+Every handler answers a bad request with an error frame and returns; nothing a
+peer sends can take the server down or disturb another peer's streams.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import torch
+import trio
+from libp2p.abc import INetStream
+
+from trustswarm.protocol.codec import Message
+from trustswarm.protocol.digests import bytes_digest, tensors_digest
+from trustswarm.protocol.errors import (
+    BAD_REQUEST,
+    BUSY,
+    INTERNAL,
+    TOO_LARGE,
+    LimitExceededError,
+    ProtocolError,
+)
+from trustswarm.protocol.framing import StreamClosed, error_message, receive_message, send_message
+from trustswarm.protocol.identity import Identity
+from trustswarm.protocol.statement import Statement, sign_statement
+
+from .config import ServerConfig
+from .requests import attention_mask_of, hidden_states_of, positions_of, validate_span
+from .runner import BlockRunner, RunnerError
+
+log = logging.getLogger("trustswarm.node")
+
+
+@dataclass
+class ServingContext:
+    identity: Identity
+    runner: BlockRunner
+    model_id: str
+    span_digest: Callable[[int, int], str]
+    config: ServerConfig
+    info: Callable[[], dict]
+    compute: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
+    active_sessions: int = 0
+    served_requests: int = 0
+
+    async def run(self, fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+        async with self.compute:
+            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+
+    def signed_answer(
+        self,
+        kind: str,
+        start: int,
+        end: int,
+        raw_request: bytes,
+        output: torch.Tensor,
+        name: str,
+        session_id: str = "",
+        step: int = 0,
+    ) -> Message:
+        tensors = {name: output.contiguous()}
+        statement = Statement(
+            kind=kind,
+            server_peer_id=str(self.identity.peer_id),
+            model_id=self.model_id,
+            start=start,
+            end=end,
+            weights_digest=self.span_digest(start, end),
+            request_digest=bytes_digest(raw_request),
+            output_digest=tensors_digest(tensors),
+            session_id=session_id,
+            step=step,
+            timestamp=time.time(),
+        )
+        self.served_requests += 1
+        return Message(tensors=tensors, meta=sign_statement(self.identity, statement).to_meta())
+
+
+def _error_code(exc: Exception) -> str:
+    if isinstance(exc, LimitExceededError):
+        return TOO_LARGE
+    if isinstance(exc, ProtocolError | RunnerError):
+        return BAD_REQUEST
+    return INTERNAL
+
+
+def guarded(
+    ctx: ServingContext, name: str, body: Callable[[ServingContext, INetStream], Awaitable[None]]
+) -> Callable[[INetStream], Awaitable[None]]:
+    """Wrap a handler: any failure becomes an error frame, the stream is closed."""
+
+    async def handler(stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        try:
+            await body(ctx, stream)
+        except StreamClosed:
+            pass
+        except Exception as exc:
+            code = _error_code(exc)
+            if code == INTERNAL:
+                log.exception("%s from %s failed", name, peer)
+                text = f"internal error ({type(exc).__name__})"
+            else:
+                log.info("%s from %s refused: %s", name, peer, exc)
+                text = str(exc)
+            with trio.move_on_after(2):
+                try:
+                    await send_message(stream, error_message(code, text), ctx.config.limits)
+                except Exception:  # noqa: S110 - the peer may already be gone
+                    pass
+        finally:
+            with trio.move_on_after(1):
+                try:
+                    await stream.close()
+                except Exception:  # noqa: S110
+                    pass
+
+    return handler
+
+
+async def _receive(
+    ctx: ServingContext, stream: INetStream, timeout: float
+) -> tuple[Message, bytes]:
+    with trio.fail_after(timeout):
+        return await receive_message(stream, ctx.config.limits)
+
+
+async def handle_info(ctx: ServingContext, stream: INetStream) -> None:
+    await _receive(ctx, stream, ctx.config.request_timeout)
+    info = ctx.info()
+    await send_message(stream, Message(meta={"info": json.dumps(info)}), ctx.config.limits)
+
+
+async def handle_forward(ctx: ServingContext, stream: INetStream) -> None:
+    request, raw = await _receive(ctx, stream, ctx.config.request_timeout)
+    start, end = validate_span(request, ctx.runner.start, ctx.runner.end)
+    hidden = hidden_states_of(request, ctx.runner.hidden_size, ctx.config)
+    batch, tokens = hidden.shape[:2]
+    positions = positions_of(request, batch, tokens)
+    mask = attention_mask_of(request, batch, tokens)
+    output = await ctx.run(ctx.runner.forward, hidden, positions, mask, start, end)
+    answer = ctx.signed_answer("forward", start, end, raw, output, "hidden_states")
+    await send_message(stream, answer, ctx.config.limits)
+
+
+async def handle_backward(ctx: ServingContext, stream: INetStream) -> None:
+    request, raw = await _receive(ctx, stream, ctx.config.request_timeout)
+    start, end = validate_span(request, ctx.runner.start, ctx.runner.end)
+    hidden = hidden_states_of(request, ctx.runner.hidden_size, ctx.config)
+    batch, tokens = hidden.shape[:2]
+    grad = request.tensor("grad_outputs")
+    if grad.shape != hidden.shape or not grad.is_floating_point():
+        raise ProtocolError(f"grad_outputs must match hidden_states {list(hidden.shape)}")
+    positions = positions_of(request, batch, tokens)
+    mask = attention_mask_of(request, batch, tokens)
+    output = await ctx.run(ctx.runner.backward, hidden, grad, positions, mask, start, end)
+    answer = ctx.signed_answer("backward", start, end, raw, output, "grad_inputs")
+    await send_message(stream, answer, ctx.config.limits)
+
+
+async def handle_inference(ctx: ServingContext, stream: INetStream) -> None:
+    """A long-lived session: one open frame, then one step frame per decoding step."""
+    config = ctx.config
+    opening, _ = await _receive(ctx, stream, config.request_timeout)
+    start, end = validate_span(opening, ctx.runner.start, ctx.runner.end)
+    session_id = opening.field("session_id")
+    if not 8 <= len(session_id) <= 64 or not session_id.isascii():
+        raise ProtocolError("session_id must be 8-64 ASCII characters")
+    max_length = opening.int_field("max_length", low=1)
+    batch = opening.int_field("batch_size", low=1)
+    if max_length > config.max_session_tokens:
+        raise LimitExceededError(f"max_length {max_length} exceeds {config.max_session_tokens}")
+    if batch > config.max_batch:
+        raise LimitExceededError(f"batch {batch} exceeds this server's max {config.max_batch}")
+    if ctx.active_sessions >= config.max_sessions:
+        await send_message(
+            stream, error_message(BUSY, "too many inference sessions"), config.limits
+        )
+        return
+    ctx.active_sessions += 1
+    try:
+        cache = ctx.runner.new_cache(batch, max_length, start, end)
+        await send_message(stream, Message(meta={"opened": session_id}), config.limits)
+        step = 0
+        while True:
+            try:
+                request, raw = await _receive(ctx, stream, config.session_idle_timeout)
+            except StreamClosed:
+                return
+            if request.meta.get("session_id") != session_id or request.int_field("step") != step:
+                raise ProtocolError(f"expected step {step} of session {session_id}")
+            hidden = hidden_states_of(request, ctx.runner.hidden_size, config)
+            if hidden.shape[0] != batch:
+                raise ProtocolError(f"session batch is {batch}, got {hidden.shape[0]}")
+            tokens = hidden.shape[1]
+            if cache.length + tokens > max_length:
+                raise LimitExceededError(f"session would exceed its max_length {max_length}")
+            positions = positions_of(request, batch, tokens)
+            mask = attention_mask_of(request, batch, cache.length + tokens)
+            output = await ctx.run(ctx.runner.step, cache, hidden, positions, mask)
+            answer = ctx.signed_answer(
+                "inference", start, end, raw, output, "hidden_states", session_id, step
+            )
+            await send_message(stream, answer, config.limits)
+            step += 1
+    finally:
+        ctx.active_sessions -= 1

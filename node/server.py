@@ -1,0 +1,190 @@
+"""A block server: a libp2p host serving a span of blocks, announced in the DHT."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import trio
+from libp2p.abc import IHost
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.tools.anyio_service import background_trio_service
+
+from trustswarm.models.store import ModelDir
+from trustswarm.protocol import protocols
+from trustswarm.protocol.announcement import (
+    Announcement,
+    AnnouncementValidator,
+    SignedAnnouncement,
+    announcement_key,
+    providers_key,
+    sign_announcement,
+)
+from trustswarm.protocol.identity import Identity
+from trustswarm.protocol.info import call_info
+from trustswarm.protocol.protocols import DHT_NAMESPACE
+from trustswarm.protocol.transport import (
+    connect_peers,
+    make_host,
+    parse_multiaddr,
+    parse_peer_addr,
+)
+
+from .config import ServerConfig
+from .handlers import (
+    ServingContext,
+    guarded,
+    handle_backward,
+    handle_forward,
+    handle_inference,
+    handle_info,
+)
+from .peers import known_announcements
+from .runner import BlockRunner
+from .selection import coverage, worst_covered_span
+
+log = logging.getLogger("trustswarm.node")
+
+
+@dataclass
+class BlockServer:
+    identity: Identity
+    model_dir: ModelDir
+    config: ServerConfig
+    span: tuple[int, int] | None = None  # None: choose the worst-covered span at start
+    span_length: int | None = None  # blocks to serve when choosing; default all
+    dtype: torch.dtype = torch.float32
+    swarm_key: str | None = None
+    throughput: float = 0.0
+    runner: BlockRunner | None = None
+    host: IHost | None = None
+    dht: KadDHT | None = None
+    announcement: SignedAnnouncement | None = None
+    ctx: ServingContext | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.model_dir.manifest.model_id
+
+    def _info(self) -> dict:
+        known = known_announcements(self.dht, self.model_id) if self.dht else []
+        return {
+            "announcement": self.announcement.to_bytes().decode() if self.announcement else "",
+            "known": [a.to_bytes().decode() for a in known[:256]],
+            "active_sessions": self.ctx.active_sessions if self.ctx else 0,
+            "max_sessions": self.config.max_sessions,
+        }
+
+    def _announce_record(self) -> SignedAnnouncement:
+        now = time.time()
+        addrs = tuple(str(a).split("/p2p/")[0] for a in self.host.get_addrs()) if self.host else ()
+        return sign_announcement(
+            self.identity,
+            Announcement(
+                peer_id=str(self.identity.peer_id),
+                model_id=self.model_id,
+                start=self.runner.start,
+                end=self.runner.end,
+                weights_digest=self.runner.weights_digest,
+                dtype=str(self.runner.dtype).removeprefix("torch."),
+                throughput=float(self.throughput),
+                addrs=addrs,
+                issued_at=now,
+                expires_at=now + self.config.announce_ttl,
+            ),
+        )
+
+    async def _announce_forever(self) -> None:
+        while True:
+            self.announcement = self._announce_record()
+            key = announcement_key(self.model_id, str(self.identity.peer_id))
+            try:
+                with trio.move_on_after(10):
+                    await self.dht.put_value(key, self.announcement.to_bytes())
+                with trio.move_on_after(10):
+                    await self.dht.provide(providers_key(self.model_id))
+            except Exception as exc:  # the DHT is best effort; the info RPC still answers
+                log.warning("DHT announcement failed: %s", exc)
+            await trio.sleep(self.config.announce_every)
+
+    async def _choose_span(self, initial_peers: Sequence[str]) -> tuple[int, int]:
+        """Serve the window of blocks the swarm covers worst (Petals' rule)."""
+        seen = {
+            a.announcement.peer_id: a.announcement
+            for a in known_announcements(self.dht, self.model_id)
+        }
+        for text in initial_peers:
+            try:
+                info = await call_info(self.host, parse_peer_addr(text).peer_id, 10.0)
+            except Exception as exc:
+                log.info("initial peer %s gave no info: %s", text, exc)
+                continue
+            for signed in [info.announcement, *info.known]:
+                try:
+                    signed.verify()
+                except Exception:  # noqa: S112 - skip forged or stale records
+                    continue
+                if signed.announcement.model_id == self.model_id:
+                    seen[signed.announcement.peer_id] = signed.announcement
+        total = self.model_dir.num_blocks
+        length = self.span_length or total
+        return worst_covered_span(coverage(list(seen.values()), total), length)
+
+    async def serve(
+        self,
+        listen: Sequence[str],
+        initial_peers: Sequence[str] = (),
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until cancelled. Reports the full multiaddrs through task_status."""
+        self.host = make_host(self.identity, self.swarm_key)
+        addrs = [parse_multiaddr(a) for a in listen]
+        async with self.host.run(listen_addrs=addrs):
+            self.dht = KadDHT(self.host, DHTMode.SERVER)
+            self.dht.register_validator(DHT_NAMESPACE, AnnouncementValidator())
+            async with background_trio_service(self.dht):
+                await connect_peers(self.host, self.dht, initial_peers)
+                span = self.span or await self._choose_span(initial_peers)
+                self.runner = await trio.to_thread.run_sync(
+                    BlockRunner, self.model_dir, span[0], span[1], self.dtype
+                )
+                self.throughput = await trio.to_thread.run_sync(measure_throughput, self.runner)
+                self.ctx = ServingContext(
+                    identity=self.identity,
+                    runner=self.runner,
+                    model_id=self.model_id,
+                    span_digest=self.model_dir.manifest.span_digest,
+                    config=self.config,
+                    info=self._info,
+                )
+                for protocol_id, name, body in (
+                    (protocols.INFO, "info", handle_info),
+                    (protocols.FORWARD, "forward", handle_forward),
+                    (protocols.BACKWARD, "backward", handle_backward),
+                    (protocols.INFERENCE, "inference", handle_inference),
+                ):
+                    self.host.set_stream_handler(protocol_id, guarded(self.ctx, name, body))
+                peer = str(self.identity.peer_id)
+                full = list(
+                    dict.fromkeys(
+                        f"{str(a).split('/p2p/')[0]}/p2p/{peer}" for a in self.host.get_addrs()
+                    )
+                )
+                async with trio.open_nursery() as nursery:
+                    self.announcement = self._announce_record()
+                    nursery.start_soon(self._announce_forever)
+                    task_status.started(full)
+                    await trio.sleep_forever()
+
+
+def measure_throughput(runner: BlockRunner, tokens: int = 16, repeats: int = 3) -> float:
+    """Tokens per second through the whole span, measured once at start."""
+    hidden = torch.randn(1, tokens, runner.hidden_size)
+    runner.forward(hidden)  # warm-up
+    began = time.perf_counter()
+    for _ in range(repeats):
+        runner.forward(hidden)
+    return tokens * repeats / max(time.perf_counter() - began, 1e-6)

@@ -1,0 +1,188 @@
+"""Messages: tensors plus a string metadata map, encoded as one safetensors blob.
+
+Decoding parses the safetensors header ourselves and checks every limit before a
+byte of tensor data is copied, so a hostile frame cannot make us allocate more
+than the frame it already fits in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import save as _safetensors_save
+
+from .errors import LimitExceededError, ProtocolError
+from .limits import DEFAULT_LIMITS, WIRE_DTYPES, Limits
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "BOOL": torch.bool,
+}
+_FLOAT_CODES = frozenset({"F32", "BF16", "F16"})
+_HEADER_LEN = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class Message:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ProtocolError(f"message has no tensor {name!r}") from None
+
+    def optional_tensor(self, name: str) -> torch.Tensor | None:
+        return self.tensors.get(name)
+
+    def field(self, name: str) -> str:
+        try:
+            return self.meta[name]
+        except KeyError:
+            raise ProtocolError(f"message has no metadata field {name!r}") from None
+
+    def int_field(self, name: str, *, low: int = 0, high: int = 2**62) -> int:
+        raw = self.field(name)
+        if not raw.isascii() or not raw.lstrip("-").isdigit() or len(raw) > 20:
+            raise ProtocolError(f"metadata field {name!r} is not an integer: {raw[:40]!r}")
+        value = int(raw)
+        if not low <= value <= high:
+            raise ProtocolError(f"metadata field {name!r}={value} is outside [{low}, {high}]")
+        return value
+
+
+def encode_message(message: Message, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """Encode a message; refuses to produce anything its own decoder would reject."""
+    for name, value in message.meta.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ProtocolError("metadata keys and values must be strings")
+    tensors = {name: t.detach().contiguous().cpu() for name, t in message.tensors.items()}
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise ProtocolError(f"tensor {name!r} contains NaN or Inf")
+    blob = _safetensors_save(tensors, metadata=dict(message.meta) or None)
+    # The encoder applies the decoder's structural checks, so we never send what a
+    # peer with the same limits would have to refuse.
+    _check_structure(blob, limits)
+    return blob
+
+
+def decode_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Decode and validate one message. Raises ProtocolError / LimitExceededError."""
+    meta, specs, body_start = _check_structure(data, limits)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (code, shape, begin, end) in specs.items():
+        if end == begin:
+            tensor = torch.empty(shape, dtype=_TORCH_DTYPES[code])
+        else:
+            buf = bytearray(data[body_start + begin : body_start + end])
+            tensor = torch.frombuffer(buf, dtype=_TORCH_DTYPES[code]).reshape(shape)
+        if code in _FLOAT_CODES and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            raise ProtocolError(f"tensor {name!r} contains NaN or Inf")
+        tensors[name] = tensor
+    return Message(tensors=tensors, meta=meta)
+
+
+def _check_structure(
+    data: bytes, limits: Limits
+) -> tuple[dict[str, str], dict[str, tuple[str, list[int], int, int]], int]:
+    if len(data) > limits.max_frame_bytes:
+        raise LimitExceededError(f"message of {len(data)} bytes exceeds {limits.max_frame_bytes}")
+    if len(data) < _HEADER_LEN.size:
+        raise ProtocolError("message shorter than its header length field")
+    (header_len,) = _HEADER_LEN.unpack_from(data, 0)
+    if header_len > limits.max_header_bytes:
+        raise LimitExceededError(f"header of {header_len} bytes exceeds {limits.max_header_bytes}")
+    body_start = _HEADER_LEN.size + header_len
+    if body_start > len(data):
+        raise ProtocolError("header length points past the end of the message")
+    header = _parse_header(bytes(data[_HEADER_LEN.size : body_start]))
+    meta = _parse_meta(header.pop("__metadata__", {}), limits)
+    specs = _parse_tensor_specs(header, limits, len(data) - body_start)
+    return meta, specs, body_start
+
+
+def _parse_header(raw: bytes) -> dict:
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+        out: dict = {}
+        for key, value in pairs:
+            if key in out:
+                raise ProtocolError(f"duplicate key {key!r} in header")
+            out[key] = value
+        return out
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a JSON object")
+    return header
+
+
+def _parse_meta(meta: object, limits: Limits) -> dict[str, str]:
+    if not isinstance(meta, dict):
+        raise ProtocolError("__metadata__ is not an object")
+    if len(meta) > limits.max_meta_entries:
+        raise LimitExceededError(f"{len(meta)} metadata entries exceed {limits.max_meta_entries}")
+    for key, value in meta.items():
+        if not isinstance(value, str):
+            raise ProtocolError(f"metadata value of {key!r} is not a string")
+        if len(value) > limits.max_meta_value_chars or len(key) > 128:
+            raise LimitExceededError(f"metadata entry {key[:40]!r} is too long")
+    return meta
+
+
+def _parse_tensor_specs(
+    header: dict, limits: Limits, body_len: int
+) -> dict[str, tuple[str, list[int], int, int]]:
+    if len(header) > limits.max_tensors:
+        raise LimitExceededError(f"{len(header)} tensors exceed {limits.max_tensors}")
+    specs: dict[str, tuple[str, list[int], int, int]] = {}
+    total_elements = 0
+    for name, spec in header.items():
+        if len(name) > 128:
+            raise ProtocolError("tensor name too long")
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+            raise ProtocolError(f"tensor {name[:40]!r} has a malformed description")
+        code, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+        if not isinstance(code, str) or code not in WIRE_DTYPES:
+            raise ProtocolError(f"tensor {name!r} has unknown dtype {str(code)[:20]!r}")
+        if code not in limits.allowed_dtypes:
+            raise ProtocolError(f"tensor {name!r} has dtype {code}, not allowed here")
+        if not isinstance(shape, list) or len(shape) > limits.max_ndim:
+            raise LimitExceededError(f"tensor {name!r} has more than {limits.max_ndim} dims")
+        if not all(type(d) is int and 0 <= d <= limits.max_elements for d in shape):
+            raise ProtocolError(f"tensor {name!r} has an invalid shape")
+        elements = math.prod(shape)
+        total_elements += elements
+        if total_elements > limits.max_elements:
+            raise LimitExceededError(f"message holds more than {limits.max_elements} elements")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+        ):
+            raise ProtocolError(f"tensor {name!r} has malformed data offsets")
+        begin, end = offsets
+        if not 0 <= begin <= end <= body_len or end - begin != elements * WIRE_DTYPES[code]:
+            raise ProtocolError(f"tensor {name!r} data offsets do not match its shape")
+        specs[name] = (code, shape, begin, end)
+    # safetensors requires the data to be covered exactly, without gaps or overlap.
+    cursor = 0
+    for _code, _shape, begin, end in sorted(specs.values(), key=lambda s: (s[2], s[3])):
+        if begin != cursor:
+            raise ProtocolError("tensor data overlaps or leaves gaps")
+        cursor = end
+    if cursor != body_len:
+        raise ProtocolError("message has trailing bytes after tensor data")
+    return specs

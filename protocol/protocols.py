@@ -1,0 +1,14 @@
+"""Stream protocol ids. The trailing number is the wire version of that RPC."""
+
+from __future__ import annotations
+
+from libp2p.custom_types import TProtocol
+
+PROTOCOL_VERSION = "1"
+INFO = TProtocol("/trustswarm/info/1")
+FORWARD = TProtocol("/trustswarm/forward/1")
+BACKWARD = TProtocol("/trustswarm/backward/1")
+INFERENCE = TProtocol("/trustswarm/inference/1")
+
+# DHT namespace for signed server announcements: keys are /trustswarm/<model>/<peer id>.
+DHT_NAMESPACE = "trustswarm"

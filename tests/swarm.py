@@ -1,0 +1,88 @@
+"""A real swarm on loopback for integration tests: block servers in a background loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import trio
+
+from trustswarm.client.loop import BackgroundLoop
+from trustswarm.models.store import ModelDir
+from trustswarm.node.config import ServerConfig
+from trustswarm.node.server import BlockServer
+from trustswarm.protocol.identity import Identity
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+@dataclass
+class RunningServer:
+    server: BlockServer
+    addrs: list[str]
+    scope: trio.CancelScope
+    alive: bool = True
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.server.identity.peer_id)
+
+
+@dataclass
+class LocalSwarm:
+    model_path: Path
+    loop: BackgroundLoop = field(default_factory=lambda: BackgroundLoop("test-swarm"))
+    servers: list[RunningServer] = field(default_factory=list)
+    _nursery: trio.Nursery | None = None
+
+    def __post_init__(self) -> None:
+        self.model_dir = ModelDir.open(self.model_path)
+
+        async def setup(nursery: trio.Nursery) -> None:
+            self._nursery = nursery
+
+        self.loop.start(setup)
+
+    def start_server(
+        self, span: tuple[int, int] | None, *, dtype: torch.dtype = torch.float32,
+        config: ServerConfig | None = None, server_cls: type[BlockServer] = BlockServer,
+        span_length: int | None = None, **kwargs: object,
+    ) -> RunningServer:
+        server = server_cls(
+            identity=Identity.generate(), model_dir=self.model_dir,
+            config=config or ServerConfig(), span=span, span_length=span_length, dtype=dtype,
+            **kwargs,
+        )
+        initial = self.initial_peers
+
+        async def launch() -> RunningServer:
+            scope = trio.CancelScope()
+
+            async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+                with scope:
+                    await server.serve([LOOPBACK], initial, task_status=task_status)
+
+            addrs = await self._nursery.start(run)
+            return RunningServer(server, addrs, scope)
+
+        running = self.loop.run(launch)
+        self.servers.append(running)
+        return running
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return [s.addrs[0] for s in self.servers if s.alive][:3]
+
+    def kill(self, running: RunningServer) -> None:
+        """Stop a server abruptly: its host closes, every stream to it breaks."""
+        running.alive = False
+
+        async def cancel() -> None:
+            running.scope.cancel()
+            await trio.sleep(0.05)
+
+        self.loop.run(cancel)
+
+    def close(self) -> None:
+        self.loop.close()
