@@ -25,3 +25,17 @@ def real_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import_model(out, progress=False)
     print(f"\n[real_model_dir] import took {time.perf_counter() - t0:.1f} s")
     return out
+
+
+@pytest.fixture(scope="session")
+def real_hf_model(real_model_dir: Path):
+    """The bundled GGUF loaded by Hugging Face itself: the local reference (~20 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trustswarm.models.importer import bundled_gguf
+
+    gguf = bundled_gguf()
+    return AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    ).eval()

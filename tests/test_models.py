@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.tiny_model import make_tiny_hf_dir
 from trustswarm.models import cli
 from trustswarm.models.errors import ModelDirError
-from trustswarm.models.importer import bundled_gguf, import_model
+from trustswarm.models.importer import import_model
 from trustswarm.models.manifest import Manifest
 from trustswarm.models.store import ModelDir
 from trustswarm.node.runner import BlockRunner
@@ -259,7 +259,7 @@ def test_cli_import(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.real_model
-def test_real_model_reassembles_gguf_logits(real_model_dir: Path) -> None:
+def test_real_model_reassembles_gguf_logits(real_model_dir: Path, real_hf_model) -> None:
     md = ModelDir.open(real_model_dir)
     assert md.num_blocks == 30 and md.tokenizer_path == real_model_dir
     assert md.manifest.model_id.startswith("SmolLM2-135M-Instruct@")
@@ -282,11 +282,7 @@ def test_real_model_reassembles_gguf_logits(real_model_dir: Path) -> None:
             h = BlockRunner(md, start, start + 10).forward(h)
         logits = parts.lm_head(parts.norm(h))
 
-    gguf = bundled_gguf()
-    ref_model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    ).eval()
     with torch.inference_mode():
-        ref = ref_model(input_ids=input_ids).logits
+        ref = real_hf_model(input_ids=input_ids).logits
     torch.testing.assert_close(logits, ref, rtol=0, atol=1e-4)
     assert tok.decode(logits[0, -1].argmax()) == tok.decode(ref[0, -1].argmax())
