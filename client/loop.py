@@ -37,7 +37,7 @@ class BackgroundLoop:
                     try:
                         await self._setup(nursery)  # type: ignore[misc]
                     except BaseException as exc:
-                        self._error = exc
+                        self._error = _single_cause(exc)
                         self._ready.set()
                         nursery.cancel_scope.cancel()
                         return
@@ -51,7 +51,7 @@ class BackgroundLoop:
             trio.run(main)
         except BaseException as exc:  # surfaced to the caller of start()
             if self._error is None:
-                self._error = exc
+                self._error = _single_cause(exc)
             self._ready.set()
 
     def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -66,3 +66,10 @@ class BackgroundLoop:
             except trio.RunFinishedError:
                 pass
             self._thread.join(timeout=10)
+
+
+def _single_cause(exc: BaseException) -> BaseException:
+    """Nurseries wrap errors in groups; a group of one error is just that error."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -42,15 +42,16 @@ def latency_route(
         for ann in servers:
             if not ann.start <= a < ann.end:
                 continue
-            b = min(ann.end, end)
-            cost = (
-                cost_a
-                + rtts.get(ann.peer_id, DEFAULT_RTT)
-                + HOP_OVERHEAD
-                + _seconds_per_token(ann, a, b)
-            )
-            if b not in best or cost < best[b][0]:
-                best[b] = (cost, [*hops_a, Hop(ann, a, b)])
+            # A hop may stop before the server's end: a faster server may take over.
+            for b in range(a + 1, min(ann.end, end) + 1):
+                cost = (
+                    cost_a
+                    + rtts.get(ann.peer_id, DEFAULT_RTT)
+                    + HOP_OVERHEAD
+                    + _seconds_per_token(ann, a, b)
+                )
+                if b not in best or cost < best[b][0]:
+                    best[b] = (cost, [*hops_a, Hop(ann, a, b)])
     if end not in best:
         raise SwarmError(
             f"no available servers cover blocks {start}:{end}: {missing(servers, start, end)}"

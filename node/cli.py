@@ -157,22 +157,28 @@ def run_start(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signal(server: BlockServer, listen: list[str], initial: list[str]) -> None:
-    async with trio.open_nursery() as nursery:
-        addrs = await nursery.start(server.serve, listen, initial)
-        runner = server.runner
-        for addr in addrs:
-            print(addr, flush=True)
-        log.info(
-            "serving blocks %d:%d of %s as %s (%s, %.0f tokens/s)",
-            runner.start,
-            runner.end,
-            server.model_id,
-            server.identity.peer_id,
-            runner.dtype,
-            server.throughput,
-        )
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                log.info("received %s, shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                return
+    # Signals are caught before anything starts, so a SIGTERM during start-up
+    # also ends in a clean shutdown.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            addrs = await nursery.start(server.serve, listen, initial)
+            runner = server.runner
+            for addr in addrs:
+                print(addr, flush=True)
+            log.info(
+                "serving blocks %d:%d of %s as %s (%s, %.0f tokens/s)",
+                runner.start,
+                runner.end,
+                server.model_id,
+                server.identity.peer_id,
+                runner.dtype,
+                server.throughput,
+            )

@@ -44,7 +44,7 @@ class Announcement:
         return self.start <= block < self.end
 
     def expired(self, now: float | None = None) -> bool:
-        return (time.time() if now is None else now) >= self.expires_at
+        return not (time.time() if now is None else now) < self.expires_at  # NaN: expired
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,12 @@ async def read_frame(stream: ByteStream, limits: Limits = DEFAULT_LIMITS) -> byt
     (length,) = _LENGTH.unpack(await read_exact(stream, _LENGTH.size))
     if length > limits.max_frame_bytes:
         raise LimitExceededError(f"frame of {length} bytes exceeds {limits.max_frame_bytes}")
-    return await read_exact(stream, length) if length else b""
+    if not length:
+        return b""
+    try:
+        return await read_exact(stream, length)
+    except StreamClosed:  # EOF right after the length prefix is still inside a frame
+        raise ProtocolError("stream ended inside a frame") from None
 
 
 async def write_frame(stream: ByteStream, payload: bytes) -> None:

@@ -44,7 +44,7 @@ class Statement:
     def from_json(cls, text: str) -> Statement:
         try:
             raw = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # incl. ints past Python's digit limit
             raise ProtocolError("statement is not JSON") from None
         if not isinstance(raw, dict) or set(raw) != set(cls.__dataclass_fields__):
             raise ProtocolError("statement has missing or unknown fields")
@@ -151,5 +151,5 @@ def check_statement(signed: SignedStatement, expected: Expectation) -> None:
     ]
     if mismatches:
         raise SignatureError(f"statement does not match the request: {', '.join(mismatches)}")
-    if abs(s.timestamp - time.time()) > expected.max_clock_skew:
+    if not abs(s.timestamp - time.time()) <= expected.max_clock_skew:  # NaN fails too
         raise SignatureError("statement timestamp is too far from now")

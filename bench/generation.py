@@ -1,0 +1,753 @@
+"""Generation benchmark: local Hugging Face model vs. a 3-server local swarm.
+
+    python bench/generation.py [--repeats 3] [--new-tokens 64] [--server-threads 1,default]
+
+One run does, with the real SmolLM2-135M-Instruct (imported once, like `make demo`):
+
+* LOCAL: the same weights assembled into a plain `LlamaForCausalLM` (blocks and client
+  parts of the model directory, i.e. bit-identical to what the swarm serves), greedy
+  `generate` of exactly N new tokens (`min_new_tokens=N`), after a warm-up;
+* SWARM: for each `--server-threads` setting, 3 `trustswarm node start` processes
+  (blocks 0:10, 10:20, 20:30 on 127.0.0.1, as demo.py) and a `DistributedModelForCausalLM`
+  generating exactly N tokens greedily (`eos_token_id=[]`: it never stops early);
+* repeats are interleaved (local, swarm A, swarm B, local, ...) so that load from other
+  processes hits every variant alike; the median tokens/s is reported, the CPU time other
+  processes took during the timed runs is printed so a noisy run can be recognised;
+* a per-token time breakdown of the swarm, measured in place: the servers run under a thin
+  wrapper (this file, `_node` mode) that times receive/decode, the thread hop, the
+  compute (`BlockRunner.step`), digests + signing, encode and write of every step; the
+  client side times encode/write/wait/decode/verify per hop, the sync->trio bridge and
+  the local embedding / head. Client and server records are joined by (session, step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextvars
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+BLOCK_SPANS = ("0:10", "10:20", "20:30")
+DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_STEP_STATS = contextvars.ContextVar("trustswarm_bench_step", default=None)
+
+
+# -- CPU accounting: how much of the machine did other processes take? -------------------
+
+
+def _busy_jiffies() -> int:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return user + nice + system + irq + softirq + steal
+
+
+def _proc_jiffies(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parts = f.read().rsplit(")", 1)[1].split()
+            total += int(parts[11]) + int(parts[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+class CpuWatch:
+    """Cores' worth of CPU used by processes other than `pids` during a `with` block."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.foreign_cores = 0.0
+        self.own_cores = 0.0
+
+    def __enter__(self) -> CpuWatch:
+        self._t = time.monotonic()
+        self._busy = _busy_jiffies()
+        self._own = _proc_jiffies(self.pids)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        seconds = max(time.monotonic() - self._t, 1e-6)
+        busy = _busy_jiffies() - self._busy
+        own = _proc_jiffies(self.pids) - self._own
+        self.own_cores = own / _CLK_TCK / seconds
+        self.foreign_cores = max(busy - own, 0) / _CLK_TCK / seconds
+
+
+# -- server side: `python bench/generation.py _node STATS.json <node start args>` ---------
+
+
+def _node_main(stats_path: str, argv: list[str]) -> int:
+    """Run `trustswarm node start` with timers around every stage of a request."""
+    from time import perf_counter
+
+    import trustswarm.node.handlers as handlers
+    from trustswarm.cli import main
+    from trustswarm.protocol import framing
+    from trustswarm.protocol.limits import DEFAULT_LIMITS
+
+    records: list[dict] = []
+
+    def dump() -> None:
+        Path(stats_path).write_text(json.dumps(records))
+
+    atexit.register(dump)
+
+    async def receive_message(stream, limits=DEFAULT_LIMITS):
+        payload = await framing.read_frame(stream, limits)
+        t = perf_counter()
+        message = framing.decode_message(payload, limits)
+        rec = {
+            "arrive": t,
+            "decode": perf_counter() - t,
+            "bytes_in": len(payload),
+            "session": message.meta.get("session_id", ""),
+            "step": message.meta.get("step"),
+        }
+        _STEP_STATS.set(rec)
+        return message, payload
+
+    async def send_message(stream, message, limits=DEFAULT_LIMITS):
+        t0 = perf_counter()
+        payload = framing.encode_message(message, limits)
+        t1 = perf_counter()
+        await framing.write_frame(stream, payload)
+        t2 = perf_counter()
+        rec = _STEP_STATS.get()
+        if rec is not None and "compute" in rec:
+            rec.update(encode=t1 - t0, write=t2 - t1, done=t2, bytes_out=len(payload))
+            records.append(rec)
+            _STEP_STATS.set(None)
+        return payload
+
+    original_run = handlers.ServingContext.run
+
+    async def run(self, fn, *args):
+        box: dict[str, float] = {}
+
+        def timed(*a):
+            box["thread_in"] = perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                box["compute"] = perf_counter() - box["thread_in"]
+
+        t0 = perf_counter()
+        out = await original_run(self, timed, *args)
+        t1 = perf_counter()
+        rec = _STEP_STATS.get()
+        if rec is not None:
+            rec.update(
+                validate=t0 - rec["arrive"] - rec["decode"],
+                run=t1 - t0,
+                compute=box.get("compute", 0.0),
+                hop_in=box.get("thread_in", t0) - t0,
+            )
+        return out
+
+    original_signed_answer = handlers.ServingContext.signed_answer
+    original_sign = handlers.sign_statement
+    original_tensors_digest = handlers.tensors_digest
+    original_bytes_digest = handlers.bytes_digest
+
+    def add(key: str, seconds: float) -> None:
+        rec = _STEP_STATS.get()
+        if rec is not None:
+            rec[key] = rec.get(key, 0.0) + seconds
+
+    def timed_call(key: str, fn):
+        def wrapper(*a, **kw):
+            t = perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                add(key, perf_counter() - t)
+
+        return wrapper
+
+    handlers.receive_message = receive_message
+    handlers.send_message = send_message
+    handlers.ServingContext.run = run
+    handlers.ServingContext.signed_answer = timed_call("sign_total", original_signed_answer)
+    handlers.sign_statement = timed_call("sign_ed25519", original_sign)
+    handlers.tensors_digest = timed_call("digest", original_tensors_digest)
+    handlers.bytes_digest = timed_call("digest", original_bytes_digest)
+    try:
+        return main(argv)
+    finally:
+        dump()
+
+
+# -- swarm processes --------------------------------------------------------------------
+
+
+class Swarm:
+    """Three instrumented block servers on loopback, blocks 0:10, 10:20, 20:30."""
+
+    def __init__(self, name: str, model_dir: Path, threads: int | None, work: Path) -> None:
+        self.name = name
+        self.model_dir = model_dir
+        self.threads = threads
+        self.work = work / name
+        self.work.mkdir(parents=True)
+        self.procs: list[subprocess.Popen] = []
+        self.addrs: list[str] = []
+        self.stats_files = [self.work / f"node{i}.stats.json" for i in range(len(BLOCK_SPANS))]
+
+    def _spawn(self, i: int, initial: list[str]) -> subprocess.Popen:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_node", str(self.stats_files[i])]
+        cmd += ["node", "start", "--model", str(self.model_dir), "--blocks", BLOCK_SPANS[i]]
+        cmd += ["--identity", str(self.work / f"node{i}.key")]
+        cmd += ["--listen", "/ip4/127.0.0.1/tcp/0", "--log-level", "WARNING"]
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+        cmd += ["--initial-peers", *initial] if initial else ["--new-swarm"]
+        log = (self.work / f"node{i}.log").open("w")
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+
+    def _address_of(self, i: int, proc: subprocess.Popen) -> str:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("/ip4/"):
+                return line.strip()
+            if proc.poll() is not None:
+                break
+        raise SystemExit(f"{self.name}: node {i} failed to start; see {self.work}/node{i}.log")
+
+    def start_first(self) -> None:
+        self.procs.append(self._spawn(0, []))
+        self.addrs.append(self._address_of(0, self.procs[0]))
+
+    def start_rest(self) -> None:
+        rest = [self._spawn(i, self.addrs[:1]) for i in range(1, len(BLOCK_SPANS))]
+        self.procs += rest
+        self.addrs += [self._address_of(i, p) for i, p in enumerate(rest, start=1)]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> list[dict]:
+        """Stop the servers (SIGTERM: they dump their step records) and return them."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        records = []
+        for i, path in enumerate(self.stats_files):
+            if path.is_file():
+                for rec in json.loads(path.read_text()):
+                    rec["server"] = i
+                    records.append(rec)
+        return records
+
+
+# -- client side instrumentation --------------------------------------------------------
+
+
+class ClientProbe:
+    """Times every step of DistributedModelForCausalLM.generate, per hop and per stage."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []  # one per SyncInferenceSession.step call
+        self.opens: list[float] = []
+        self.enabled = False
+
+    def install(self) -> None:
+        """Patch the client classes (once per process)."""
+        from time import perf_counter
+
+        import trustswarm.client.model as client_model
+        import trustswarm.client.session as session_mod
+        from trustswarm.protocol import framing
+        from trustswarm.protocol.limits import DEFAULT_LIMITS
+
+        probe = self
+        hop_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hop", default=None)
+
+        async def send_message(stream, message, limits=DEFAULT_LIMITS):
+            t0 = perf_counter()
+            payload = framing.encode_message(message, limits)
+            t1 = perf_counter()
+            await framing.write_frame(stream, payload)
+            t2 = perf_counter()
+            hop = hop_var.get()
+            if hop is not None:
+                hop.update(encode=t1 - t0, write=t2 - t1, written=t2, bytes_out=len(payload))
+            return payload
+
+        async def receive_message(stream, limits=DEFAULT_LIMITS):
+            t0 = perf_counter()
+            payload = await framing.read_frame(stream, limits)
+            t1 = perf_counter()
+            message = framing.decode_message(payload, limits)
+            t2 = perf_counter()
+            hop = hop_var.get()
+            if hop is not None:
+                hop.update(wait=t1 - t0, received=t1, decode=t2 - t1, bytes_in=len(payload))
+            return message, payload
+
+        original_checked = session_mod.checked_answer
+
+        def checked_answer(*a, **kw):
+            t = perf_counter()
+            try:
+                return original_checked(*a, **kw)
+            finally:
+                hop = hop_var.get()
+                if hop is not None:
+                    hop["verify"] = perf_counter() - t
+
+        original_send_step = session_mod.InferenceSession._send_step
+
+        async def _send_step(self, hop, hidden, positions, mask):
+            rec = {"session": hop.session_id, "step": str(hop.step), "start": perf_counter()}
+            token = hop_var.set(rec)
+            try:
+                return await original_send_step(self, hop, hidden, positions, mask)
+            finally:
+                rec["total"] = perf_counter() - rec["start"]
+                hop_var.reset(token)
+                current = probe.steps[-1] if probe.steps else None
+                if probe.enabled and current is not None:
+                    current["hops"].append(rec)
+
+        original_async_step = session_mod.InferenceSession.step
+
+        async def async_step(self, hidden, positions, mask):
+            t = perf_counter()
+            try:
+                return await original_async_step(self, hidden, positions, mask)
+            finally:
+                if probe.enabled and probe.steps:
+                    probe.steps[-1]["async"] = perf_counter() - t
+
+        original_sync_step = client_model.SyncInferenceSession.step
+
+        def sync_step(self, hidden, positions, mask):
+            t = perf_counter()
+            if probe.enabled:
+                probe.steps.append({"begin": t, "hops": [], "tokens": hidden.shape[1]})
+            try:
+                return original_sync_step(self, hidden, positions, mask)
+            finally:
+                if probe.enabled:
+                    probe.steps[-1]["sync"] = perf_counter() - t
+
+        original_open = client_model.DistributedModelForCausalLM.inference_session
+
+        def inference_session(self, *a, **kw):
+            t = perf_counter()
+            try:
+                return original_open(self, *a, **kw)
+            finally:
+                if probe.enabled:
+                    probe.opens.append(perf_counter() - t)
+
+        session_mod.send_message = send_message
+        session_mod.receive_message = receive_message
+        session_mod.checked_answer = checked_answer
+        session_mod.InferenceSession._send_step = _send_step
+        session_mod.InferenceSession.step = async_step
+        client_model.SyncInferenceSession.step = sync_step
+        client_model.DistributedModelForCausalLM.inference_session = inference_session
+
+    def hook(self, model) -> None:
+        """Timers on one model's local parts: embedding and norm + LM head (logits_of)."""
+        from time import perf_counter
+
+        probe = self
+        began = [0.0]
+
+        def embed_pre(_module, _inputs):
+            began[0] = perf_counter()
+
+        def embed_post(_module, _inputs, _output):
+            if probe.enabled and probe.steps:
+                probe.steps[-1]["embed"] = perf_counter() - began[0]
+
+        model.embed_tokens.register_forward_pre_hook(embed_pre)
+        model.embed_tokens.register_forward_hook(embed_post)
+        original_logits_of = model.logits_of
+
+        def logits_of(hidden):
+            t = perf_counter()
+            try:
+                return original_logits_of(hidden)
+            finally:
+                if probe.enabled and probe.steps:
+                    probe.steps[-1]["head"] = perf_counter() - t
+
+        model.logits_of = logits_of
+
+
+# -- the two sides ----------------------------------------------------------------------
+
+
+def load_local_model(model_dir: Path):
+    """A plain HF LlamaForCausalLM holding exactly the model directory's weights."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from trustswarm.models.store import ModelDir
+
+    directory = ModelDir.open(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(directory.config, dtype=torch.float32)
+    parts = directory.load_client_parts(torch.float32)
+    model.model.layers = nn.ModuleList(directory.load_blocks(0, directory.num_blocks))
+    model.model.embed_tokens = parts.embed_tokens
+    model.model.norm = parts.norm
+    model.lm_head = parts.lm_head
+    model.model.rotary_emb = directory.load_rotary()
+    model.eval()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise SystemExit(f"local model has unloaded tensors: {left}")
+    return model
+
+
+class StepClock:
+    """A logits processor that only records when each generation step reached it."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def run_local(model, ids, new_tokens: int) -> tuple[float, list[int], list[float]]:
+    import torch
+    from transformers import LogitsProcessorList
+
+    clock = StepClock()
+    began = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+    seconds = time.perf_counter() - began
+    # Step times: prefill = first clock tick since start, then tick-to-tick.
+    steps = [clock.times[0] - began] + [b - a for a, b in itertools.pairwise(clock.times)]
+    return seconds, out[0, ids.shape[1] :].tolist(), steps
+
+
+def run_swarm(model, ids, new_tokens: int) -> tuple[float, list[int]]:
+    began = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
+    seconds = time.perf_counter() - began
+    return seconds, out[0, ids.shape[1] :].tolist()
+
+
+# -- analysis ---------------------------------------------------------------------------
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else 0.0
+
+
+def swarm_breakdown(steps: list[dict], server_records: list[dict]) -> dict[str, dict]:
+    """Mean ms per step for prefill and decode steps, by stage."""
+    by_key = {(r["session"], str(r["step"])): r for r in server_records}
+    rows: dict[str, dict[str, list[float]]] = {
+        "prefill": defaultdict(list),
+        "decode": defaultdict(list),
+    }
+    for i, step in enumerate(steps):
+        kind = "prefill" if step["tokens"] > 1 else "decode"
+        nxt = steps[i + 1]["begin"] if i + 1 < len(steps) and steps[i + 1]["tokens"] == 1 else None
+        if nxt is None or "sync" not in step or "async" not in step:
+            continue  # the last step of a run has no successor to measure its wall time by
+        acc = defaultdict(float)
+        missing = False
+        for hop in step["hops"]:
+            srv = by_key.get((hop["session"], hop["step"]))
+            if srv is None or "wait" not in hop:
+                missing = True
+                break
+            service = srv["done"] - srv["arrive"]
+            acc["compute"] += srv["compute"]
+            acc["server thread hop"] += srv["run"] - srv["compute"]
+            acc["server digests"] += srv.get("digest", 0.0)
+            acc["server ed25519 sign+stmt"] += srv.get("sign_total", 0.0) - srv.get("digest", 0.0)
+            acc["server codec+validate"] += srv["decode"] + srv["encode"] + srv["validate"]
+            acc["client codec"] += hop["encode"] + hop["decode"]
+            acc["client verify"] += hop["verify"]
+            transfer = hop["wait"] - service
+            acc["transport (libp2p+tcp+wakeup)"] += hop["write"] + transfer + srv["write"]
+            acc["client hop other"] += hop["total"] - (
+                hop["encode"] + hop["write"] + hop["wait"] + hop["decode"] + hop["verify"]
+            )
+            acc["server other"] += service - (
+                srv["decode"]
+                + srv["validate"]
+                + srv["run"]
+                + srv.get("sign_total", 0.0)
+                + srv["encode"]
+                + srv["write"]
+            )
+        if missing:
+            continue
+        acc["client sync->trio bridge"] = step["sync"] - step["async"]
+        acc["client session.step other"] = step["async"] - sum(h["total"] for h in step["hops"])
+        acc["client head (norm+lm_head)"] = step.get("head", 0.0)
+        acc["client embed"] = step.get("embed", 0.0)
+        wall = nxt - step["begin"]
+        acc["client other (argmax, cat, ...)"] = (
+            wall - step["sync"] - acc["client head (norm+lm_head)"] - acc["client embed"]
+        )
+        acc["TOTAL wall"] = wall
+        for key, value in acc.items():
+            rows[kind][key].append(value * 1000)
+    return {
+        kind: {key: _mean(values) for key, values in stages.items()}
+        | {"n": len(stages.get("TOTAL wall", []))}
+        for kind, stages in rows.items()
+    }
+
+
+GROUPS = {
+    "compute (sum of 3 servers)": ["compute"],
+    "network + framing": ["transport (libp2p+tcp+wakeup)", "client codec", "server codec+validate"],
+    "signing / verification": ["server digests", "server ed25519 sign+stmt", "client verify"],
+    "client head + embedding": ["client head (norm+lm_head)", "client embed"],
+    "thread hops (server to_thread, client bridge)": [
+        "server thread hop",
+        "client sync->trio bridge",
+    ],
+    "other": [
+        "client hop other",
+        "server other",
+        "client session.step other",
+        "client other (argmax, cat, ...)",
+    ],
+}
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+def parse_threads(text: str) -> list[int | None]:
+    out: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        out.append(None if part in ("default", "0", "") else int(part))
+    return out
+
+
+def main() -> int:
+    from trustswarm.demo import DEFAULT_MODEL_DIR, ensure_model
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--server-threads",
+        default="1,default",
+        help="comma list of server --threads settings to compare; 'default' = torch's choice",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write all results here")
+    args = parser.parse_args()
+
+    ensure_model(args.model_dir)
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from trustswarm.client import DistributedModelForCausalLM
+
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": args.prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    n = args.new_tokens
+    work = Path(tempfile.mkdtemp(prefix="trustswarm-bench-"))
+    swarms = [
+        Swarm(f"threads-{t or 'default'}", args.model_dir, t, work)
+        for t in parse_threads(args.server_threads)
+    ]
+    print(
+        f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, load avg {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    models: dict[str, object] = {}
+    probe = ClientProbe()
+    results: dict[str, dict] = {}
+    try:
+        t = time.perf_counter()
+        for swarm in swarms:
+            swarm.start_first()
+        for swarm in swarms:
+            swarm.start_rest()
+        print(f"started {len(swarms)} swarm(s) of 3 servers in {time.perf_counter() - t:.1f} s")
+        local = load_local_model(args.model_dir)
+        local_threads = torch.get_num_threads()
+        probe.install()
+        for swarm in swarms:
+            model = DistributedModelForCausalLM.from_pretrained(args.model_dir, swarm.addrs)
+            probe.hook(model)
+            models[swarm.name] = model
+
+        # Warm-up (not timed): one full generation each.
+        warm_local = run_local(local, ids, n)[1]
+        for swarm in swarms:
+            run_swarm(models[swarm.name], ids, n)
+        print(f"warm-up done; local answer: {tokenizer.decode(warm_local).strip()[:100]!r}")
+
+        own_pids = [os.getpid(), *(pid for s in swarms for pid in s.pids)]
+        local_runs: list[dict] = []
+        swarm_runs: dict[str, list[dict]] = {s.name: [] for s in swarms}
+        for r in range(args.repeats):
+            with CpuWatch(own_pids) as cpu:
+                seconds, tokens, steps = run_local(local, ids, n)
+            local_runs.append(
+                {"seconds": seconds, "tokens": tokens, "steps": steps, "foreign": cpu.foreign_cores}
+            )
+            line = f"repeat {r + 1}: local {n / seconds:6.2f} tok/s"
+            for swarm in swarms:
+                probe.enabled = True
+                probe.steps = []
+                with CpuWatch(own_pids) as cpu:
+                    seconds, tokens = run_swarm(models[swarm.name], ids, n)
+                probe.enabled = False
+                swarm_runs[swarm.name].append(
+                    {
+                        "seconds": seconds,
+                        "tokens": tokens,
+                        "steps": probe.steps,
+                        "open": probe.opens[-1] if probe.opens else 0.0,
+                        "foreign": cpu.foreign_cores,
+                    }
+                )
+                line += f" | {swarm.name} {n / seconds:6.2f} tok/s"
+            print(line, flush=True)
+    finally:
+        for model in models.values():
+            model.close()
+        server_records = {s.name: s.stop() for s in swarms}
+
+    # -- report ---------------------------------------------------------------------------
+    local_tps = statistics.median(n / run["seconds"] for run in local_runs)
+    local_decode = _mean([1000 * s for run in local_runs for s in run["steps"][1:]])
+    local_prefill = _mean([1000 * run["steps"][0] for run in local_runs])
+    reference = local_runs[0]["tokens"]
+    print()
+    print(
+        f"=== {n} new tokens, greedy, prompt of {ids.shape[1]} tokens, median of {args.repeats} ==="
+    )
+    print(f"local torch threads: {local_threads} (torch.get_num_threads() in the client process)")
+    header = f"{'variant':<22}{'tok/s':>8}{'swarm/local':>13}{'prefill ms':>12}{'decode ms/tok':>15}{'same tokens':>13}{'foreign CPU':>13}"
+    print(header)
+    print("-" * len(header))
+    foreign = max(run["foreign"] for run in local_runs)
+    print(
+        f"{'local (HF generate)':<22}{local_tps:8.2f}{'':>13}{local_prefill:12.1f}{local_decode:15.1f}"
+        f"{'ref':>13}{foreign:12.2f}c"
+    )
+    results["local"] = {
+        "tokens_per_s": local_tps,
+        "prefill_ms": local_prefill,
+        "decode_ms": local_decode,
+        "torch_threads": local_threads,
+        "runs": [{k: v for k, v in run.items() if k != "steps"} for run in local_runs],
+    }
+    breakdowns: dict[str, dict] = {}
+    for swarm in swarms:
+        runs = swarm_runs[swarm.name]
+        tps = statistics.median(n / run["seconds"] for run in runs)
+        same = all(run["tokens"] == reference for run in runs)
+        first_diff = next(
+            (
+                i
+                for i, (a, b) in enumerate(zip(runs[0]["tokens"], reference, strict=False))
+                if a != b
+            ),
+            None,
+        )
+        steps = [s for run in runs for s in run["steps"]]
+        bd = swarm_breakdown(steps, server_records[swarm.name])
+        breakdowns[swarm.name] = bd
+        label = f"swarm, {swarm.name}"
+        foreign = max(run["foreign"] for run in runs)
+        same_text = "yes" if same else f"no (@{first_diff})"
+        print(
+            f"{label:<22}{tps:8.2f}{tps / local_tps:13.2f}{bd['prefill'].get('TOTAL wall', 0):12.1f}"
+            f"{bd['decode'].get('TOTAL wall', 0):15.1f}{same_text:>13}{foreign:12.2f}c"
+        )
+        results[swarm.name] = {
+            "tokens_per_s": tps,
+            "ratio": tps / local_tps,
+            "same_tokens": same,
+            "first_difference": first_diff,
+            "session_open_ms": _mean([1000 * run["open"] for run in runs]),
+            "breakdown_ms": bd,
+            "runs": [{k: v for k, v in run.items() if k != "steps"} for run in runs],
+        }
+    print(
+        "(goal: swarm/local >= 0.85; 'foreign CPU' = cores used by other processes, max over runs)"
+    )
+    for swarm in swarms:
+        bd = breakdowns[swarm.name]
+        dec, pre = bd["decode"], bd["prefill"]
+        print()
+        print(
+            f"--- {swarm.name}: ms per step (decode mean over {dec.get('n', 0)} steps; "
+            f"prefill {pre.get('n', 0)}); session open "
+            f"{results[swarm.name]['session_open_ms']:.1f} ms per generate ---"
+        )
+        print(f"{'stage':<48}{'decode':>9}{'prefill':>9}")
+        for group, keys in GROUPS.items():
+            print(
+                f"{group:<48}{sum(dec.get(k, 0) for k in keys):9.2f}"
+                f"{sum(pre.get(k, 0) for k in keys):9.2f}"
+            )
+            for key in keys:
+                if len(keys) > 1:
+                    print(f"  {key:<46}{dec.get(key, 0):9.2f}{pre.get(key, 0):9.2f}")
+        print(
+            f"{'TOTAL (wall per step)':<48}{dec.get('TOTAL wall', 0):9.2f}{pre.get('TOTAL wall', 0):9.2f}"
+        )
+        print(f"{'local HF for comparison':<48}{local_decode:9.2f}{local_prefill:9.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"\nresults written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "_node":
+        sys.exit(_node_main(sys.argv[2], sys.argv[3:]))
+    sys.exit(main())

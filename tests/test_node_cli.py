@@ -1,0 +1,109 @@
+"""The `trustswarm node start` command as a user runs it: a real process."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trustswarm.client import DistributedModelForCausalLM
+from trustswarm.protocol.errors import SwarmError
+
+pytestmark = pytest.mark.timeout(240)
+PY = [sys.executable, "-m", "trustswarm"]
+
+
+def start(model: Path, key: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [*PY, "node", "start", "--model", str(model), "--identity", str(key),
+         "--listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1", "--log-level", "WARNING", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    line = proc.stdout.readline().strip()
+    if not line.startswith("/ip4/127.0.0.1/tcp/"):
+        proc.kill()
+        raise AssertionError(f"no multiaddr printed: {line!r} {proc.stderr.read()[-2000:]}")
+    return proc, line
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=20)
+
+
+def test_node_prints_multiaddr_keeps_peer_id_and_stops_cleanly(tiny_model_dir: Path, tmp_path: Path):
+    key = tmp_path / "node.key"
+    proc, addr = start(tiny_model_dir, key, "--blocks", "0:6", "--new-swarm")
+    assert "/p2p/12D3Koo" in addr
+    assert stop(proc) == 0
+    proc, again = start(tiny_model_dir, key, "--blocks", "0:6", "--new-swarm")
+    try:
+        assert again.split("/p2p/")[1] == addr.split("/p2p/")[1]
+    finally:
+        stop(proc)
+
+
+def test_block_selection_fills_the_gap(tiny_model_dir: Path, tmp_path: Path):
+    first, addr = start(tiny_model_dir, tmp_path / "a.key", "--blocks", "0:3", "--new-swarm")
+    try:
+        second, _ = start(tiny_model_dir, tmp_path / "b.key", "--num-blocks", "3",
+                          "--initial-peers", addr)
+        try:
+            ids = torch.randint(3, 512, (1, 4), generator=torch.Generator().manual_seed(1))
+            with DistributedModelForCausalLM.from_pretrained(tiny_model_dir, [addr]) as model:
+                spans = sorted((a.start, a.end) for a in model.swarm.view.servers.values())
+                assert spans == [(0, 3), (3, 6)]
+                assert model.generate(ids, max_new_tokens=3).shape == (1, 7)
+        finally:
+            stop(second)
+    finally:
+        stop(first)
+
+
+def test_private_swarm_refuses_wrong_key_quickly(tiny_model_dir: Path, tmp_path: Path):
+    good, bad = tmp_path / "good.key", tmp_path / "bad.key"
+    good.write_text("ab" * 32 + "\n")
+    bad.write_text("cd" * 32 + "\n")
+    proc, addr = start(tiny_model_dir, tmp_path / "n.key", "--blocks", "0:6", "--new-swarm",
+                       "--swarm-key", str(good))
+    try:
+        with DistributedModelForCausalLM.from_pretrained(
+            tiny_model_dir, [addr], swarm_key=("ab" * 32)
+        ) as model:
+            assert len(model.swarm.view.servers) == 1
+        began = time.monotonic()
+        with pytest.raises(SwarmError, match="swarm-key"):
+            DistributedModelForCausalLM.from_pretrained(
+                tiny_model_dir, [addr], swarm_key=("cd" * 32), connect_timeout=3
+            )
+        assert time.monotonic() - began < 15
+        with pytest.raises(SwarmError):
+            DistributedModelForCausalLM.from_pretrained(tiny_model_dir, [addr], connect_timeout=3)
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--blocks", "5:2", "--new-swarm"], "START < END"),
+        (["--blocks", "0:99", "--new-swarm"], "exceeds"),
+        (["--blocks", "x", "--new-swarm"], "START:END"),
+        (["--blocks", "0:6"], "one of the arguments"),
+        (["--blocks", "0:6", "--initial-peers", "/ip4/1.2.3.4/tcp/1"], "p2p"),
+        (["--blocks", "0:6", "--new-swarm", "--swarm-key", "/nonexistent"], "swarm key"),
+    ],
+)
+def test_bad_flags_get_clear_errors(tiny_model_dir: Path, tmp_path: Path, args, message):
+    result = subprocess.run(
+        [*PY, "node", "start", "--model", str(tiny_model_dir), "--identity",
+         str(tmp_path / "k.key"), *args], capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
