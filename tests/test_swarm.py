@@ -117,3 +117,16 @@ def test_malformed_frame_gets_error_and_server_keeps_serving(swarm, client, loca
     assert meta["error"] in {"bad_request", "too_large"}
     assert meta["message"]
     test_logits_equal_local(client, local_model)
+
+
+def test_backward_through_the_swarm_matches_local_autograd(client, local_model):
+    ids = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(6))
+    embeds = client.get_input_embeddings()(ids).detach().requires_grad_(True)
+    loss = client(inputs_embeds=embeds, labels=ids).loss
+    loss.backward()
+    local_embeds = embeds.detach().clone().requires_grad_(True)
+    local_loss = local_model(inputs_embeds=local_embeds, labels=ids).loss
+    local_loss.backward()
+    torch.testing.assert_close(loss, local_loss, atol=1e-5, rtol=0)
+    scale = local_embeds.grad.abs().max()
+    torch.testing.assert_close(embeds.grad / scale, local_embeds.grad / scale, atol=1e-4, rtol=0)
