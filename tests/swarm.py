@@ -7,12 +7,16 @@ from pathlib import Path
 
 import torch
 import trio
+from libp2p.custom_types import TProtocol
 
 from trustswarm.client.loop import BackgroundLoop
 from trustswarm.models.store import ModelDir
 from trustswarm.node.config import ServerConfig
 from trustswarm.node.server import BlockServer
+from trustswarm.protocol.codec import Message, decode_message
+from trustswarm.protocol.framing import read_frame, send_message
 from trustswarm.protocol.identity import Identity
+from trustswarm.protocol.transport import make_host, parse_peer_addr
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -86,3 +90,29 @@ class LocalSwarm:
 
     def close(self) -> None:
         self.loop.close()
+
+
+def raw_exchange(
+    swarm: LocalSwarm, target: RunningServer, protocol: str, frames: list[bytes | Message]
+) -> list[dict[str, str]]:
+    """Act as a bare peer: send each frame (raw bytes or a Message) on its own
+    stream to `target` and return the metadata of each reply."""
+
+    async def run() -> list[dict[str, str]]:
+        host = make_host(Identity.generate())
+        replies = []
+        async with host.run(listen_addrs=[]):
+            info = parse_peer_addr(target.addrs[0])
+            await host.connect(info)
+            for frame in frames:
+                stream = await host.new_stream(info.peer_id, [TProtocol(protocol)])
+                if isinstance(frame, Message):
+                    await send_message(stream, frame)
+                else:
+                    await stream.write(frame)
+                with trio.fail_after(10):
+                    reply = decode_message(await read_frame(stream))
+                replies.append(reply.meta)
+        return replies
+
+    return swarm.loop.run(run)

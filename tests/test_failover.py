@@ -6,16 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import trio
 
-from tests.swarm import LocalSwarm
+from tests.swarm import LocalSwarm, raw_exchange
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.node.config import ServerConfig
 from trustswarm.protocol import protocols
 from trustswarm.protocol.codec import Message
-from trustswarm.protocol.framing import receive_message, send_message
-from trustswarm.protocol.identity import Identity
-from trustswarm.protocol.transport import make_host, parse_peer_addr
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -77,23 +73,10 @@ def test_server_over_its_session_limit_answers_busy_and_client_uses_another(tiny
         small = swarm.start_server((0, 6), config=ServerConfig(max_sessions=1))
         big = swarm.start_server((0, 6))
 
-        async def hold_session() -> dict[str, str]:
-            host = make_host(Identity.generate())
-            async with host.run(listen_addrs=[]):
-                info = parse_peer_addr(small.addrs[0])
-                await host.connect(info)
-                replies = []
-                for _ in range(2):
-                    stream = await host.new_stream(info.peer_id, [protocols.INFERENCE])
-                    await send_message(stream, Message(meta={
-                        "start": "0", "end": "6", "session_id": "s" * 16,
-                        "max_length": "8", "batch_size": "1"}))
-                    with trio.fail_after(10):
-                        reply, _ = await receive_message(stream)
-                    replies.append(reply.meta)
-                return replies[1]
-
-        second = swarm.loop.run(hold_session)
+        opening = Message(meta={"start": "0", "end": "6", "session_id": "s" * 16,
+                                "max_length": "8", "batch_size": "1"})
+        first, second = raw_exchange(swarm, small, protocols.INFERENCE, [opening, opening])
+        assert "opened" in first
         assert second["error"] == "busy"
         ids = torch.randint(3, 512, (1, 4), generator=torch.Generator().manual_seed(9))
         with DistributedModelForCausalLM.from_pretrained(tiny_model_dir, [big.addrs[0]]) as model:
@@ -108,20 +91,9 @@ def test_oversized_session_request_is_refused_clearly(tiny_model_dir):
     try:
         server = swarm.start_server((0, 6), config=ServerConfig(max_session_tokens=16))
 
-        async def ask() -> dict[str, str]:
-            host = make_host(Identity.generate())
-            async with host.run(listen_addrs=[]):
-                info = parse_peer_addr(server.addrs[0])
-                await host.connect(info)
-                stream = await host.new_stream(info.peer_id, [protocols.INFERENCE])
-                await send_message(stream, Message(meta={
-                    "start": "0", "end": "6", "session_id": "s" * 16,
-                    "max_length": "4096", "batch_size": "1"}))
-                with trio.fail_after(10):
-                    reply, _ = await receive_message(stream)
-                return reply.meta
-
-        meta = swarm.loop.run(ask)
+        opening = Message(meta={"start": "0", "end": "6", "session_id": "s" * 16,
+                                "max_length": "4096", "batch_size": "1"})
+        (meta,) = raw_exchange(swarm, server, protocols.INFERENCE, [opening])
         assert meta["error"] == "too_large" and "max_length" in meta["message"]
     finally:
         swarm.close()

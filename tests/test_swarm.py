@@ -6,16 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import trio
 from transformers import AutoModelForCausalLM
 
-from tests.swarm import LocalSwarm
+from tests.swarm import LocalSwarm, raw_exchange
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.protocol import protocols
-from trustswarm.protocol.codec import decode_message
-from trustswarm.protocol.framing import read_frame
-from trustswarm.protocol.identity import Identity
-from trustswarm.protocol.transport import make_host, parse_peer_addr
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -101,19 +96,7 @@ def test_sampling_is_seeded_and_in_vocab(client):
 def test_malformed_frame_gets_error_and_server_keeps_serving(swarm, client, local_model, payload):
     target = swarm.servers[0]
 
-    async def attack() -> dict[str, str]:
-        host = make_host(Identity.generate())
-        async with host.run(listen_addrs=[]):
-            info = parse_peer_addr(target.addrs[0])
-            await host.connect(info)
-            stream = await host.new_stream(info.peer_id, [protocols.FORWARD])
-            await stream.write(payload)
-            with trio.fail_after(10):
-                reply = decode_message(await read_frame(stream))
-            await stream.close()
-            return reply.meta
-
-    meta = swarm.loop.run(attack)
+    (meta,) = raw_exchange(swarm, target, protocols.FORWARD, [payload])
     assert meta["error"] in {"bad_request", "too_large"}
     assert meta["message"]
     test_logits_equal_local(client, local_model)
