@@ -6,7 +6,7 @@ One run does, with the real SmolLM2-135M-Instruct (imported once, like `make dem
 
 * LOCAL: the same weights assembled into a plain `LlamaForCausalLM` (blocks and client
   parts of the model directory, i.e. bit-identical to what the swarm serves), greedy
-  `generate` of exactly N new tokens (`min_new_tokens=N`), after a warm-up;
+  `generate` of exactly N new tokens (`eos_token_id=[]`, see README), after a warm-up;
 * SWARM: for each `--server-threads` setting, 3 `trustswarm node start` processes
   (blocks 0:10, 10:20, 20:30 on 127.0.0.1, as demo.py) and a `DistributedModelForCausalLM`
   generating exactly N tokens greedily (`eos_token_id=[]`: it never stops early);
@@ -448,11 +448,13 @@ def run_local(model, ids, new_tokens: int) -> tuple[float, list[int], list[float
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
+            eos_token_id=[],  # never stop, never mask EOS: the same rule as the swarm's
             do_sample=False,
             logits_processor=LogitsProcessorList([clock]),
         )
     seconds = time.perf_counter() - began
+    if out.shape[1] - ids.shape[1] != new_tokens:
+        raise SystemExit(f"local generate made {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}")
     # Step times: prefill = first clock tick since start, then tick-to-tick.
     steps = [clock.times[0] - began] + [b - a for a, b in itertools.pairwise(clock.times)]
     return seconds, out[0, ids.shape[1] :].tolist(), steps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 
@@ -12,10 +13,14 @@ def bytes_digest(data: bytes) -> str:
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over name, dtype, shape and raw bytes of each tensor, in name order."""
-    h = hashlib.sha256(b"trustswarm-tensors-v1\n")
+    """SHA-256 over name, dtype, shape and raw bytes of each tensor, in name order.
+
+    Each tensor's description is a JSON line with its byte length, so no choice of
+    names or shapes can make two different tensor sets hash alike."""
+    h = hashlib.sha256(b"trustswarm-tensors-v2\n")
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        h.update(json.dumps([name, str(t.dtype), list(t.shape), len(data)]).encode() + b"\n")
+        h.update(data)
     return h.hexdigest()

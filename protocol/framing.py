@@ -29,7 +29,7 @@ class StreamClosed(ProtocolError):
 async def read_exact(stream: ByteStream, n: int) -> bytes:
     chunks: list[bytes] = []
     remaining = n
-    while remaining:
+    while remaining > 0:
         try:
             chunk = await stream.read(remaining)
         except Exception as exc:  # libp2p raises several EOF/reset types
@@ -40,6 +40,8 @@ async def read_exact(stream: ByteStream, n: int) -> bytes:
             if remaining == n and not chunks:
                 raise StreamClosed("stream closed")
             raise ProtocolError("stream ended inside a frame")
+        if len(chunk) > remaining:
+            raise ProtocolError("stream returned more bytes than asked for")
         chunks.append(chunk)
         remaining -= len(chunk)
     return b"".join(chunks)

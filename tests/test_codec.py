@@ -161,8 +161,18 @@ def test_decoded_tensors_are_writable_copies() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "ok"),
-    [("0", 0), ("42", 42), ("-1", None), ("abc", None), ("1.5", None), ("٣", None),
-     ("9" * 21, None), (str(2**62), 2**62), (str(2**62 + 1), None), ("", None)],
+    [
+        ("0", 0),
+        ("42", 42),
+        ("-1", None),
+        ("abc", None),
+        ("1.5", None),
+        ("٣", None),
+        ("9" * 21, None),
+        (str(2**62), 2**62),
+        (str(2**62 + 1), None),
+        ("", None),
+    ],
 )
 def test_int_field(raw: str, ok: int | None) -> None:
     message = Message(meta={"n": raw})
@@ -225,8 +235,9 @@ def test_random_header_with_correct_length(header: bytes, body: bytes) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -245,13 +256,14 @@ def test_random_json_header(header: dict, body: bytes) -> None:
 @settings(max_examples=200, deadline=None)
 @given(
     dtype=st.sampled_from(["F32", "BF16", "F16", "I64", "I32", "BOOL", "F64", "U8", 3, None]),
-    shape=st.lists(st.integers(-2, 2**41) | st.booleans() | st.floats(), max_size=6)
-    | json_values,
+    shape=st.lists(st.integers(-2, 2**41) | st.booleans() | st.floats(), max_size=6) | json_values,
     offsets=st.lists(st.integers(-4, 2**65), max_size=3) | json_values,
     body=st.binary(max_size=48),
 )
 def test_random_tensor_spec(dtype: object, shape: object, offsets: object, body: bytes) -> None:
-    decode_or_protocol_error(frame({"x": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}, body))
+    decode_or_protocol_error(
+        frame({"x": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}, body)
+    )
 
 
 # --------------------------------------------------------------------------- limits
@@ -458,9 +470,7 @@ def test_long_tensor_name() -> None:
         decode_message(frame({"x" * 129: spec("F32", [0], [0, 0])}))
 
 
-@pytest.mark.parametrize(
-    "meta", [{1: "v"}, {"k": 1}, {"k": None}, {"k": b"v"}, {("k",): "v"}]
-)
+@pytest.mark.parametrize("meta", [{1: "v"}, {"k": 1}, {"k": None}, {"k": b"v"}, {("k",): "v"}])
 def test_encode_refuses_non_string_metadata(meta: dict) -> None:
     with pytest.raises(ProtocolError, match="strings"):
         encode_message(Message(meta=meta))
@@ -472,8 +482,12 @@ def test_encode_refuses_non_string_metadata(meta: dict) -> None:
 class FakeStream:
     """An in-memory stream whose reads return chunks of the given sizes (cycled)."""
 
-    def __init__(self, data: bytes = b"", chunk_sizes: list[int] | None = None,
-                 eof_error: type[Exception] | None = None) -> None:
+    def __init__(
+        self,
+        data: bytes = b"",
+        chunk_sizes: list[int] | None = None,
+        eof_error: type[Exception] | None = None,
+    ) -> None:
         self.data = data
         self.pos = 0
         self.chunk_sizes = chunk_sizes or [1 << 30]
@@ -533,7 +547,9 @@ def test_read_frame_reassembles(payloads: list[bytes], chunk_sizes: list[int]) -
     eof_error=st.sampled_from([None, ConnectionResetError, EOFError]),
 )
 def test_eof_inside_or_between_frames(
-    payloads: list[bytes], chunk_sizes: list[int], data: st.DataObject,
+    payloads: list[bytes],
+    chunk_sizes: list[int],
+    data: st.DataObject,
     eof_error: type[Exception] | None,
 ) -> None:
     wire = b"".join(struct.pack("!I", len(p)) + p for p in payloads)
@@ -546,7 +562,9 @@ def test_eof_inside_or_between_frames(
 
     async def main() -> None:
         reader = FakeStream(wire[:cut], chunk_sizes, eof_error)
-        complete = [p for p, end in zip(payloads, sorted(boundaries)[1:], strict=True) if end <= cut]
+        complete = [
+            p for p, end in zip(payloads, sorted(boundaries)[1:], strict=True) if end <= cut
+        ]
         got = []
         with pytest.raises(ProtocolError) as info:
             while True:
@@ -568,7 +586,9 @@ def test_length_over_limit_fails_before_reading_body() -> None:
         with pytest.raises(LimitExceededError):
             await read_frame(stream)
         assert stream.pos == 4
-        assert await read_frame(FakeStream(struct.pack("!I", 100) + b"y" * 100), limits) == b"y" * 100
+        assert (
+            await read_frame(FakeStream(struct.pack("!I", 100) + b"y" * 100), limits) == b"y" * 100
+        )
 
     trio.run(main)
 
@@ -602,8 +622,11 @@ def test_large_frame_is_written_in_chunks() -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(tensors=tensors_st(max_tensors=3), meta=meta_st,
-       chunk_sizes=st.lists(st.integers(1, 50), min_size=1, max_size=5))
+@given(
+    tensors=tensors_st(max_tensors=3),
+    meta=meta_st,
+    chunk_sizes=st.lists(st.integers(1, 50), min_size=1, max_size=5),
+)
 def test_send_receive_message(tensors: dict, meta: dict, chunk_sizes: list[int]) -> None:
     async def main() -> None:
         writer = FakeStream()
@@ -629,7 +652,9 @@ def test_error_frame_round_trip(code: str) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(code=st.text(max_size=30).filter(lambda c: c not in ERROR_CODES), text=st.text(max_size=3000))
+@given(
+    code=st.text(max_size=30).filter(lambda c: c not in ERROR_CODES), text=st.text(max_size=3000)
+)
 def test_unknown_error_code_maps_to_internal(code: str, text: str) -> None:
     wire = decode_message(encode_message(Message(meta={"error": code, "message": text})))
     with pytest.raises(RemoteError) as info:

@@ -25,8 +25,16 @@ SETTINGS = settings(max_examples=150, deadline=None)
 
 def ann(peer: str, start: int, end: int, throughput: float = 10.0) -> Announcement:
     return Announcement(
-        peer_id=peer, model_id="m", start=start, end=end, weights_digest="0" * 64,
-        dtype="float32", throughput=throughput, addrs=(), issued_at=0.0, expires_at=1e12,
+        peer_id=peer,
+        model_id="m",
+        start=start,
+        end=end,
+        weights_digest="0" * 64,
+        dtype="float32",
+        throughput=throughput,
+        addrs=(),
+        issued_at=0.0,
+        expires_at=1e12,
     )
 
 
@@ -42,8 +50,11 @@ def swarm_st(draw: st.DrawFn, max_blocks: int = 5, max_servers: int = 4):
     start = draw(st.integers(0, num_blocks - 1))
     end = draw(st.integers(start + 1, num_blocks))
     rtts = draw(
-        st.dictionaries(st.sampled_from([s.peer_id for s in servers] or ["none"]),
-                        st.floats(0.0, 0.3), max_size=len(servers))
+        st.dictionaries(
+            st.sampled_from([s.peer_id for s in servers] or ["none"]),
+            st.floats(0.0, 0.3),
+            max_size=len(servers),
+        )
     )
     return servers, start, end, rtts
 
@@ -107,9 +118,7 @@ def test_latency_route_is_exact_and_optimal(case) -> None:
 def test_latency_route_hands_over_to_a_faster_server() -> None:
     slow, fast = ann("slow", 0, 10, 0.01), ann("fast", 5, 10, 1000.0)
     route = latency_route([slow, fast], 0, 10)
-    assert [(h.server.peer_id, h.start, h.end) for h in route] == [
-        ("slow", 0, 5), ("fast", 5, 10)
-    ]
+    assert [(h.server.peer_id, h.start, h.end) for h in route] == [("slow", 0, 5), ("fast", 5, 10)]
 
 
 def test_latency_route_prefers_one_hop_when_equal() -> None:
@@ -202,9 +211,7 @@ def test_coverage_and_selection_against_brute_force(case, length: int) -> None:
         want = sum(max(s.throughput, 1e-3) for s in servers if s.start <= b < s.end)
         assert cover[b] == pytest.approx(want)
     start, end = worst_covered_span(cover, length)
-    totals = {
-        s: sum(cover[s : s + length]) for s in range(num_blocks - length + 1)
-    }
+    totals = {s: sum(cover[s : s + length]) for s in range(num_blocks - length + 1)}
     assert end == start + length
     assert totals[start] <= min(totals.values()) + 1e-9
 
