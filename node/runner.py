@@ -103,7 +103,9 @@ class BlockRunner:
         start = self.start if start is None else start
         end = self.end if end is None else end
         if not self.start <= start < end <= self.end:
-            raise RunnerError(f"blocks {start}:{end} are not within {self.start}:{self.end}")
+            raise RunnerError(
+                f"blocks {start}:{end} are not within the served span {self.start}:{self.end}"
+            )
         return start, end
 
     # -- compute ------------------------------------------------------------------------
