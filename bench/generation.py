@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,18 @@ def _proc_jiffies(pids: list[int]) -> int:
         except (OSError, IndexError, ValueError):
             pass
     return total
+
+
+def wait_for_quiet(pids: list[int], max_wait: float, threshold: float = 0.25) -> float:
+    """Sleep until processes other than `pids` use < threshold cores (or max_wait passes)."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        with CpuWatch(pids) as watch:
+            time.sleep(1.0)
+        if watch.foreign_cores < threshold or time.monotonic() >= deadline:
+            if watch.foreign_cores >= threshold:
+                print(f"  (machine still busy: {watch.foreign_cores:.2f} cores used by others)")
+            return watch.foreign_cores
 
 
 class CpuWatch:
@@ -454,7 +467,9 @@ def run_local(model, ids, new_tokens: int) -> tuple[float, list[int], list[float
         )
     seconds = time.perf_counter() - began
     if out.shape[1] - ids.shape[1] != new_tokens:
-        raise SystemExit(f"local generate made {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}")
+        raise SystemExit(
+            f"local generate made {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}"
+        )
     # Step times: prefill = first clock tick since start, then tick-to-tick.
     steps = [clock.times[0] - began] + [b - a for a, b in itertools.pairwise(clock.times)]
     return seconds, out[0, ids.shape[1] :].tolist(), steps
@@ -502,7 +517,9 @@ def swarm_breakdown(steps: list[dict], server_records: list[dict]) -> dict[str, 
             acc["client codec"] += hop["encode"] + hop["decode"]
             acc["client verify"] += hop["verify"]
             transfer = hop["wait"] - service
-            acc["transport (libp2p+tcp+wakeup)"] += hop["write"] + transfer + srv["write"]
+            acc["transport: client write (yamux+noise+send)"] += hop["write"]
+            acc["transport: server write (yamux+noise+send)"] += srv["write"]
+            acc["transport: in flight, both ways (recv+wakeup)"] += transfer
             acc["client hop other"] += hop["total"] - (
                 hop["encode"] + hop["write"] + hop["wait"] + hop["decode"] + hop["verify"]
             )
@@ -536,7 +553,13 @@ def swarm_breakdown(steps: list[dict], server_records: list[dict]) -> dict[str, 
 
 GROUPS = {
     "compute (sum of 3 servers)": ["compute"],
-    "network + framing": ["transport (libp2p+tcp+wakeup)", "client codec", "server codec+validate"],
+    "network + framing": [
+        "transport: client write (yamux+noise+send)",
+        "transport: server write (yamux+noise+send)",
+        "transport: in flight, both ways (recv+wakeup)",
+        "client codec",
+        "server codec+validate",
+    ],
     "signing / verification": ["server digests", "server ed25519 sign+stmt", "client verify"],
     "client head + embedding": ["client head (norm+lm_head)", "client embed"],
     "thread hops (server to_thread, client bridge)": [
@@ -550,6 +573,71 @@ GROUPS = {
         "client other (argmax, cat, ...)",
     ],
 }
+
+
+# -- optional py-spy phase (after the timed runs, so it cannot distort them) ----------------
+
+SPY_CATEGORIES = [
+    ("torch: blocks (runner)", ["node/runner.py"]),
+    ("torch: head/embed", ["logits_of", "(torch/nn/modules/sparse.py"]),
+    ("sign / verify / digests", ["statement.py", "identity.py", "digests.py", "nacl/"]),
+    ("codec (safetensors msg)", ["protocol/codec.py"]),
+    ("noise (encryption)", ["security/noise", "security/secure_session", "/crypto/"]),
+    ("yamux", ["stream_muxer/yamux"]),
+    ("libp2p other", ["libp2p/"]),
+    ("trio thread hop", ["trio/_threads.py", "trio/_core/_thread_cache.py"]),
+    ("trio scheduler / epoll", ["trio/_core", "trio/_socket", "trio/_highlevel"]),
+]
+
+
+IDLE_LEAVES = ("EpollIOManager.get_events", "WorkerThread._work", "Condition.wait", "Event.wait")
+
+
+def pyspy_phase(
+    pyspy: str, out_dir: Path, model, pids: dict[str, int], ids, n: int, seconds: float
+) -> None:
+    """Sample client and servers with py-spy while generating; print ms/token by category."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rate = 200
+    spies = [
+        subprocess.Popen(
+            [pyspy, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"]
+            + ["--nonblocking", "--duration", str(int(seconds) + 2)]
+            + ["-o", str(out_dir / f"{name}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]
+    time.sleep(1.0)
+    began, tokens = time.perf_counter(), 0
+    while time.perf_counter() - began < seconds:
+        tokens += len(run_swarm(model, ids, n)[1])
+    tps = tokens / (time.perf_counter() - began)
+    for spy in spies:
+        spy.wait(timeout=120)
+    print(f"\n--- py-spy ({rate} Hz, all active threads; {tps:.2f} tok/s while sampled) ---")
+    print("ms of active-thread time per generated token, by the first matching category:")
+    names = list(pids)
+    totals: dict[str, dict[str, float]] = {}
+    for name in names:
+        path = out_dir / f"{name}.txt"
+        counts: dict[str, float] = defaultdict(float)
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                if stack.rsplit(";", 1)[-1].startswith(IDLE_LEAVES):
+                    continue  # blocked in epoll_wait / a lock: py-spy cannot always tell
+                category = next(
+                    (c for c, keys in SPY_CATEGORIES if any(k in stack for k in keys)), "other"
+                )
+                counts[category] += int(count) * 1000 / rate / max(tokens, 1)
+        totals[name] = counts
+    print(f"{'category':<28}" + "".join(f"{name:>10}" for name in names))
+    for category in [c for c, _ in SPY_CATEGORIES] + ["other"]:
+        print(f"{category:<28}" + "".join(f"{totals[name][category]:10.2f}" for name in names))
+    print(f"{'total':<28}" + "".join(f"{sum(totals[name].values()):10.2f}" for name in names))
+    print(f"(raw collapsed stacks in {out_dir}; e.g. flamegraph.pl or speedscope)")
 
 
 # -- main -------------------------------------------------------------------------------
@@ -577,6 +665,23 @@ def main() -> int:
         help="comma list of server --threads settings to compare; 'default' = torch's choice",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write all results here")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60.0,
+        help="before each repeat, wait up to this many seconds for other processes to "
+        "use < 0.25 cores (0: do not wait)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        metavar="OUT_DIR",
+        help="after the timed runs, profile client and servers of the first swarm with "
+        "py-spy (pip install py-spy) for --py-spy-seconds and summarise where time goes",
+    )
+    parser.add_argument("--py-spy-seconds", type=float, default=20.0)
+    parser.add_argument("--py-spy-bin", default=shutil.which("py-spy") or "py-spy")
     args = parser.parse_args()
 
     ensure_model(args.model_dir)
@@ -633,6 +738,7 @@ def main() -> int:
         local_runs: list[dict] = []
         swarm_runs: dict[str, list[dict]] = {s.name: [] for s in swarms}
         for r in range(args.repeats):
+            wait_for_quiet(own_pids, args.quiet_wait)
             with CpuWatch(own_pids) as cpu:
                 seconds, tokens, steps = run_local(local, ids, n)
             local_runs.append(
@@ -656,6 +762,18 @@ def main() -> int:
                 )
                 line += f" | {swarm.name} {n / seconds:6.2f} tok/s"
             print(line, flush=True)
+        if args.py_spy:
+            first = swarms[0]
+            pids = {"client": os.getpid()} | {f"server{i}": p for i, p in enumerate(first.pids)}
+            pyspy_phase(
+                args.py_spy_bin,
+                args.py_spy,
+                models[first.name],
+                pids,
+                ids,
+                n,
+                args.py_spy_seconds,
+            )
     finally:
         for model in models.values():
             model.close()
