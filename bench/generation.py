@@ -148,7 +148,7 @@ def _node_main(stats_path: str, argv: list[str]) -> int:
 
     original_run = handlers.ServingContext.run
 
-    async def run(self, fn, *args):
+    async def run(self, fn, *args, **kwargs):
         box: dict[str, float] = {}
 
         def timed(*a):
@@ -159,7 +159,7 @@ def _node_main(stats_path: str, argv: list[str]) -> int:
                 box["compute"] = perf_counter() - box["thread_in"]
 
         t0 = perf_counter()
-        out = await original_run(self, timed, *args)
+        out = await original_run(self, timed, *args, **kwargs)
         t1 = perf_counter()
         rec = _STEP_STATS.get()
         if rec is not None:
@@ -347,30 +347,31 @@ class ClientProbe:
 
         async def async_step(self, hidden, positions, mask):
             t = perf_counter()
+            if probe.enabled:
+                probe.steps.append({"begin": t, "hops": [], "tokens": hidden.shape[1]})
             try:
                 return await original_async_step(self, hidden, positions, mask)
             finally:
                 if probe.enabled and probe.steps:
                     probe.steps[-1]["async"] = perf_counter() - t
 
+        # Only when generate drives the session from the caller's thread, step by step.
         original_sync_step = client_model.SyncInferenceSession.step
 
         def sync_step(self, hidden, positions, mask):
             t = perf_counter()
-            if probe.enabled:
-                probe.steps.append({"begin": t, "hops": [], "tokens": hidden.shape[1]})
             try:
                 return original_sync_step(self, hidden, positions, mask)
             finally:
-                if probe.enabled:
+                if probe.enabled and probe.steps:
                     probe.steps[-1]["sync"] = perf_counter() - t
 
-        original_open = client_model.DistributedModelForCausalLM.inference_session
+        original_open = session_mod.InferenceSession.open
 
-        def inference_session(self, *a, **kw):
+        async def open_session(self):
             t = perf_counter()
             try:
-                return original_open(self, *a, **kw)
+                return await original_open(self)
             finally:
                 if probe.enabled:
                     probe.opens.append(perf_counter() - t)
@@ -381,7 +382,7 @@ class ClientProbe:
         session_mod.InferenceSession._send_step = _send_step
         session_mod.InferenceSession.step = async_step
         client_model.SyncInferenceSession.step = sync_step
-        client_model.DistributedModelForCausalLM.inference_session = inference_session
+        session_mod.InferenceSession.open = open_session
 
     def hook(self, model) -> None:
         """Timers on one model's local parts: embedding and norm + LM head (logits_of)."""
@@ -479,6 +480,10 @@ def run_swarm(model, ids, new_tokens: int) -> tuple[float, list[int]]:
     began = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
     seconds = time.perf_counter() - began
+    if out.shape[1] - ids.shape[1] != new_tokens:
+        raise SystemExit(
+            f"swarm generate made {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}"
+        )
     return seconds, out[0, ids.shape[1] :].tolist()
 
 
@@ -499,7 +504,7 @@ def swarm_breakdown(steps: list[dict], server_records: list[dict]) -> dict[str, 
     for i, step in enumerate(steps):
         kind = "prefill" if step["tokens"] > 1 else "decode"
         nxt = steps[i + 1]["begin"] if i + 1 < len(steps) and steps[i + 1]["tokens"] == 1 else None
-        if nxt is None or "sync" not in step or "async" not in step:
+        if nxt is None or "async" not in step:
             continue  # the last step of a run has no successor to measure its wall time by
         acc = defaultdict(float)
         missing = False
@@ -533,13 +538,14 @@ def swarm_breakdown(steps: list[dict], server_records: list[dict]) -> dict[str, 
             )
         if missing:
             continue
-        acc["client sync->trio bridge"] = step["sync"] - step["async"]
+        sync = step.get("sync", step["async"])  # no sync call: generate runs on the loop
+        acc["client sync->trio bridge"] = sync - step["async"]
         acc["client session.step other"] = step["async"] - sum(h["total"] for h in step["hops"])
         acc["client head (norm+lm_head)"] = step.get("head", 0.0)
         acc["client embed"] = step.get("embed", 0.0)
         wall = nxt - step["begin"]
         acc["client other (argmax, cat, ...)"] = (
-            wall - step["sync"] - acc["client head (norm+lm_head)"] - acc["client embed"]
+            wall - sync - acc["client head (norm+lm_head)"] - acc["client embed"]
         )
         acc["TOTAL wall"] = wall
         for key, value in acc.items():
