@@ -103,6 +103,15 @@ class CpuWatch:
 # -- server side: `python bench/generation.py _node STATS.json <node start args>` ---------
 
 
+async def _timed_send(framing, stream, message, limits):
+    """Encode and write one frame; return the payload and the three timestamps."""
+    t0 = time.perf_counter()
+    payload = framing.encode_message(message, limits)
+    t1 = time.perf_counter()
+    await framing.write_frame(stream, payload)
+    return payload, t0, t1, time.perf_counter()
+
+
 def _node_main(stats_path: str, argv: list[str]) -> int:
     """Run `trustswarm node start` with timers around every stage of a request."""
     from time import perf_counter
@@ -134,11 +143,7 @@ def _node_main(stats_path: str, argv: list[str]) -> int:
         return message, payload
 
     async def send_message(stream, message, limits=DEFAULT_LIMITS):
-        t0 = perf_counter()
-        payload = framing.encode_message(message, limits)
-        t1 = perf_counter()
-        await framing.write_frame(stream, payload)
-        t2 = perf_counter()
+        payload, t0, t1, t2 = await _timed_send(framing, stream, message, limits)
         rec = _STEP_STATS.get()
         if rec is not None and "compute" in rec:
             rec.update(encode=t1 - t0, write=t2 - t1, done=t2, bytes_out=len(payload))
@@ -297,11 +302,7 @@ class ClientProbe:
         hop_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hop", default=None)
 
         async def send_message(stream, message, limits=DEFAULT_LIMITS):
-            t0 = perf_counter()
-            payload = framing.encode_message(message, limits)
-            t1 = perf_counter()
-            await framing.write_frame(stream, payload)
-            t2 = perf_counter()
+            payload, t0, t1, t2 = await _timed_send(framing, stream, message, limits)
             hop = hop_var.get()
             if hop is not None:
                 hop.update(encode=t1 - t0, write=t2 - t1, written=t2, bytes_out=len(payload))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import multiaddr
@@ -44,7 +44,7 @@ class SwarmView:
     """Servers we know for one model, with measured RTTs and the bans we hold."""
 
     model_id: str
-    span_digest: object  # Callable[[int, int], str]; checked against announcements
+    span_digest: Callable[[int, int], str]  # from our manifest; announcements must match
     request_timeout: float = 30.0
     ban_base: float = 15.0
     ban_max: float = 600.0
@@ -107,6 +107,7 @@ class SwarmClient:
     ) -> None:
         self.host = host
         self.view = view
+        self.initial_addrs = list(initial_peers)
         self.initial_peers = [parse_peer_addr(a) for a in initial_peers]
         self.connect_timeout = connect_timeout
         self.refresh_every = refresh_every
@@ -124,7 +125,7 @@ class SwarmClient:
                 await connect_peers(
                     self.host,
                     self.dht,
-                    [str(i.addrs[0]) + f"/p2p/{i.peer_id}" for i in self.initial_peers],
+                    self.initial_addrs,
                     self.connect_timeout,
                 )
                 await self.refresh()

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 from libp2p.kad_dht.kad_dht import KadDHT
 
 from trustswarm.protocol.announcement import SignedAnnouncement, model_key
 from trustswarm.protocol.protocols import DHT_NAMESPACE
-
-log = logging.getLogger("trustswarm.node")
 
 
 def known_announcements(dht: KadDHT, model_id: str) -> list[SignedAnnouncement]:

@@ -18,7 +18,8 @@ from safetensors.torch import save as _safetensors_save
 from .errors import LimitExceededError, ProtocolError
 from .limits import DEFAULT_LIMITS, WIRE_DTYPES, Limits
 
-_TORCH_DTYPES: dict[str, torch.dtype] = {
+# safetensors dtype code -> torch dtype, for every code on the wire allow-list.
+TORCH_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32,
     "BF16": torch.bfloat16,
     "F16": torch.float16,
@@ -82,10 +83,10 @@ def decode_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
     tensors: dict[str, torch.Tensor] = {}
     for name, (code, shape, begin, end) in specs.items():
         if end == begin:
-            tensor = torch.empty(shape, dtype=_TORCH_DTYPES[code])
+            tensor = torch.empty(shape, dtype=TORCH_DTYPES[code])
         else:
             buf = bytearray(data[body_start + begin : body_start + end])
-            tensor = torch.frombuffer(buf, dtype=_TORCH_DTYPES[code]).reshape(shape)
+            tensor = torch.frombuffer(buf, dtype=TORCH_DTYPES[code]).reshape(shape)
         if code in _FLOAT_CODES and tensor.numel() and not bool(torch.isfinite(tensor).all()):
             raise ProtocolError(f"tensor {name!r} contains NaN or Inf")
         tensors[name] = tensor

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load as safetensors_load
 
 from trustswarm.protocol import framing
-from trustswarm.protocol.codec import Message, decode_message, encode_message
+from trustswarm.protocol.codec import TORCH_DTYPES, Message, decode_message, encode_message
 from trustswarm.protocol.errors import (
     ERROR_CODES,
     INTERNAL,
@@ -36,14 +36,7 @@ from trustswarm.protocol.limits import DEFAULT_LIMITS, Limits
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-DTYPES = {
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "BOOL": torch.bool,
-}
+DTYPES = TORCH_DTYPES
 
 
 # --------------------------------------------------------------------------- helpers
