@@ -585,7 +585,7 @@ GROUPS = {
 # -- optional py-spy phase (after the timed runs, so it cannot distort them) ----------------
 
 SPY_CATEGORIES = [
-    ("torch: blocks (runner)", ["node/runner.py"]),
+    ("torch: blocks (runner)", ["models/runner.py"]),
     ("torch: head/embed", ["logits_of", "(torch/nn/modules/sparse.py"]),
     ("sign / verify / digests", ["statement.py", "identity.py", "digests.py", "nacl/"]),
     ("codec (safetensors msg)", ["protocol/codec.py"]),

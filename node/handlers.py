@@ -16,6 +16,7 @@ import torch
 import trio
 from libp2p.abc import INetStream
 
+from trustswarm.models.runner import BlockRunner, RunnerError
 from trustswarm.protocol.codec import Message
 from trustswarm.protocol.digests import bytes_digest, tensors_digest
 from trustswarm.protocol.errors import (
@@ -32,7 +33,6 @@ from trustswarm.protocol.statement import Statement, sign_statement
 
 from .config import ServerConfig
 from .requests import attention_mask_of, hidden_states_of, positions_of, validate_span
-from .runner import BlockRunner, RunnerError
 
 log = logging.getLogger("trustswarm.node")
 
@@ -61,9 +61,11 @@ class ServingContext:
         raw_request: bytes,
         output: torch.Tensor,
         name: str,
+        peer: str,
         session_id: str = "",
         step: int = 0,
     ) -> Message:
+        """Sign `output` as the answer to `raw_request` from `peer`."""
         tensors = {name: output.contiguous()}
         statement = Statement(
             kind=kind,
@@ -124,6 +126,10 @@ def guarded(
     return handler
 
 
+def _peer(stream: INetStream) -> str:
+    return str(stream.muxed_conn.peer_id)
+
+
 async def _receive(
     ctx: ServingContext, stream: INetStream, timeout: float
 ) -> tuple[Message, bytes]:
@@ -145,7 +151,7 @@ async def handle_forward(ctx: ServingContext, stream: INetStream) -> None:
     positions = positions_of(request, batch, tokens)
     mask = attention_mask_of(request, batch, tokens)
     output = await ctx.run(ctx.runner.forward, hidden, positions, mask, start, end)
-    answer = ctx.signed_answer("forward", start, end, raw, output, "hidden_states")
+    answer = ctx.signed_answer("forward", start, end, raw, output, "hidden_states", _peer(stream))
     await send_message(stream, answer, ctx.config.limits)
 
 
@@ -160,7 +166,7 @@ async def handle_backward(ctx: ServingContext, stream: INetStream) -> None:
     positions = positions_of(request, batch, tokens)
     mask = attention_mask_of(request, batch, tokens)
     output = await ctx.run(ctx.runner.backward, hidden, grad, positions, mask, start, end)
-    answer = ctx.signed_answer("backward", start, end, raw, output, "grad_inputs")
+    answer = ctx.signed_answer("backward", start, end, raw, output, "grad_inputs", _peer(stream))
     await send_message(stream, answer, ctx.config.limits)
 
 
@@ -205,7 +211,15 @@ async def handle_inference(ctx: ServingContext, stream: INetStream) -> None:
             mask = attention_mask_of(request, batch, cache.length + tokens)
             output = await ctx.run(ctx.runner.step, cache, hidden, positions, mask)
             answer = ctx.signed_answer(
-                "inference", start, end, raw, output, "hidden_states", session_id, step
+                "inference",
+                start,
+                end,
+                raw,
+                output,
+                "hidden_states",
+                _peer(stream),
+                session_id,
+                step,
             )
             await send_message(stream, answer, config.limits)
             step += 1

@@ -13,6 +13,7 @@ from libp2p.abc import IHost
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.tools.anyio_service import background_trio_service
 
+from trustswarm.models.runner import BlockRunner
 from trustswarm.models.store import ModelDir
 from trustswarm.protocol import protocols
 from trustswarm.protocol.announcement import (
@@ -43,7 +44,6 @@ from .handlers import (
     handle_info,
 )
 from .peers import known_announcements
-from .runner import BlockRunner
 from .selection import coverage, worst_covered_span
 
 log = logging.getLogger("trustswarm.node")
@@ -133,6 +133,19 @@ class BlockServer:
         length = self.span_length or total
         return worst_covered_span(coverage(list(seen.values()), total), length)
 
+    def _load_runner(self, span: tuple[int, int]) -> BlockRunner:
+        return BlockRunner(self.model_dir, span[0], span[1], self.dtype)
+
+    def _make_context(self) -> ServingContext:
+        return ServingContext(
+            identity=self.identity,
+            runner=self.runner,
+            model_id=self.model_id,
+            span_digest=self.model_dir.manifest.span_digest,
+            config=self.config,
+            info=self._info,
+        )
+
     async def serve(
         self,
         listen: Sequence[str],
@@ -148,18 +161,9 @@ class BlockServer:
             async with background_trio_service(self.dht):
                 await connect_peers(self.host, self.dht, initial_peers)
                 span = self.span or await self._choose_span(initial_peers)
-                self.runner = await trio.to_thread.run_sync(
-                    BlockRunner, self.model_dir, span[0], span[1], self.dtype
-                )
+                self.runner = await trio.to_thread.run_sync(self._load_runner, span)
                 self.throughput = await trio.to_thread.run_sync(measure_throughput, self.runner)
-                self.ctx = ServingContext(
-                    identity=self.identity,
-                    runner=self.runner,
-                    model_id=self.model_id,
-                    span_digest=self.model_dir.manifest.span_digest,
-                    config=self.config,
-                    info=self._info,
-                )
+                self.ctx = self._make_context()
                 for protocol_id, name, body in (
                     (protocols.INFO, "info", handle_info),
                     (protocols.FORWARD, "forward", handle_forward),

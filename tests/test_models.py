@@ -20,8 +20,8 @@ from trustswarm.models import cli
 from trustswarm.models.errors import ModelDirError
 from trustswarm.models.importer import import_model
 from trustswarm.models.manifest import Manifest
+from trustswarm.models.runner import BlockRunner
 from trustswarm.models.store import ModelDir
-from trustswarm.node.runner import BlockRunner
 
 
 @pytest.fixture

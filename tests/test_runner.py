@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from trustswarm.models.runner import BlockRunner, RunnerError
 from trustswarm.models.store import ClientParts, ModelDir
-from trustswarm.node.runner import BlockRunner, RunnerError
 
 SPANS = [(0, 2), (2, 4), (4, 6)]
 ATOL = 1e-5
