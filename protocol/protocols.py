@@ -9,6 +9,8 @@ INFO = TProtocol("/trustswarm/info/1")
 FORWARD = TProtocol("/trustswarm/forward/1")
 BACKWARD = TProtocol("/trustswarm/backward/1")
 INFERENCE = TProtocol("/trustswarm/inference/1")
+# Fraud reports to a verifier: one DisagreementReport per stream, one verdict back.
+REPORT = TProtocol("/trustswarm/report/1")
 
 # DHT namespace for signed server announcements: keys are /trustswarm/<model>/<peer id>.
 DHT_NAMESPACE = "trustswarm"
