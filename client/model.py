@@ -18,6 +18,7 @@ from trustswarm.protocol.transport import make_host
 from .autograd import RemoteBlocks
 from .generation import generate as _generate
 from .loop import BackgroundLoop
+from .ptune import PromptedSession, SoftPrompt, check_tuning_options
 from .sequential import RemotePasses
 from .session import InferenceSession
 from .swarm import SwarmClient, SwarmView
@@ -50,8 +51,12 @@ class DistributedModelForCausalLM(nn.Module):
         loop: BackgroundLoop,
         swarm: SwarmClient,
         dtype: torch.dtype = torch.float32,
+        *,
+        tuning_mode: str | None = None,
+        pre_seq_len: int | None = None,
     ) -> None:
         super().__init__()
+        prompt_len = check_tuning_options(tuning_mode, pre_seq_len)
         parts = model_dir.load_client_parts(dtype)
         self.model_dir = model_dir
         self.config = model_dir.config
@@ -62,6 +67,8 @@ class DistributedModelForCausalLM(nn.Module):
         self.swarm = swarm
         self.passes = RemotePasses(swarm)
         self.num_blocks = model_dir.num_blocks
+        # Prompt tuning: the only trainable parameters (client parts are frozen).
+        self.soft_prompt = SoftPrompt(prompt_len, self.embed_tokens) if prompt_len else None
 
     @classmethod
     def from_pretrained(
@@ -74,7 +81,10 @@ class DistributedModelForCausalLM(nn.Module):
         request_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         dtype: torch.dtype = torch.float32,
+        tuning_mode: str | None = None,
+        pre_seq_len: int | None = None,
     ) -> DistributedModelForCausalLM:
+        check_tuning_options(tuning_mode, pre_seq_len)  # before anything starts
         directory = ModelDir.open(model_dir)
         if not initial_peers:
             raise ValueError("initial_peers must name at least one peer of the swarm")
@@ -94,7 +104,9 @@ class DistributedModelForCausalLM(nn.Module):
 
         loop.start(setup)
         try:
-            return cls(directory, loop, swarm, dtype)
+            return cls(
+                directory, loop, swarm, dtype, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len
+            )
         except BaseException:
             loop.close()
             raise
@@ -135,6 +147,12 @@ class DistributedModelForCausalLM(nn.Module):
             attention_mask = torch.ones(batch, tokens, dtype=torch.long)
         if position_ids is None:
             position_ids = default_positions(attention_mask)
+        prompt_len = 0
+        if self.soft_prompt is not None:
+            inputs_embeds, attention_mask, position_ids, labels = self.soft_prompt.prepend(
+                inputs_embeds, attention_mask, position_ids, labels
+            )
+            prompt_len = self.soft_prompt.length
         hidden = RemoteBlocks.apply(
             inputs_embeds.float(), self.passes, self, position_ids.long(), attention_mask.long()
         )
@@ -146,14 +164,19 @@ class DistributedModelForCausalLM(nn.Module):
                 labels[:, 1:].reshape(-1),
                 ignore_index=-100,
             )
-        return CausalLMOutput(logits=logits, loss=loss)
+        return CausalLMOutput(logits=logits[:, prompt_len:], loss=loss)
 
     # -- inference ------------------------------------------------------------------
 
-    def inference_session(self, max_length: int, batch_size: int = 1) -> SyncInferenceSession:
-        session = InferenceSession(self.swarm, 0, self.num_blocks, max_length, batch_size)
+    def inference_session(
+        self, max_length: int, batch_size: int = 1
+    ) -> SyncInferenceSession | PromptedSession:
+        """With a soft prompt, the session prefills it first (max_length excludes it)."""
+        extra = self.soft_prompt.length if self.soft_prompt is not None else 0
+        session = InferenceSession(self.swarm, 0, self.num_blocks, max_length + extra, batch_size)
         self.run_async(session.open)
-        return SyncInferenceSession(self, session)
+        sync = SyncInferenceSession(self, session)
+        return sync if self.soft_prompt is None else self.soft_prompt.wrap_session(sync)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
