@@ -48,6 +48,12 @@ def check_tuning_options(tuning_mode: str | None, pre_seq_len: int | None) -> in
     return pre_seq_len
 
 
+def _shifted(positions: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions of real tokens after an n-token prompt; padding keeps position 1, as
+    Hugging Face derives positions from the whole mask (pads never reach real tokens)."""
+    return (positions.expand(mask.shape[0], -1) + n).masked_fill(mask == 0, 1)
+
+
 class SoftPrompt(nn.Module):
     """`length` trainable embeddings (float32), initialised from random token embeddings."""
 
@@ -77,7 +83,7 @@ class SoftPrompt(nn.Module):
         embeds = torch.cat([self._prompt(batch), inputs_embeds.float()], dim=1)
         mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
         prompt_positions = torch.arange(n, dtype=position_ids.dtype).expand(batch, n)
-        positions = torch.cat([prompt_positions, position_ids.expand(batch, -1) + n], dim=1)
+        positions = torch.cat([prompt_positions, _shifted(position_ids, attention_mask, n)], 1)
         if labels is not None:
             labels = torch.cat([labels.new_full((batch, n), IGNORE_INDEX), labels], dim=1)
         return embeds, mask, positions, labels
@@ -106,8 +112,8 @@ class PromptedSession:
     ) -> torch.Tensor:
         batch, n = hidden.shape[0], self.prompt.length
         first = self.session.length == 0
+        positions = _shifted(positions, mask[:, -hidden.shape[1] :], n)
         mask = torch.cat([mask.new_ones(batch, n), mask], dim=1)
-        positions = positions.expand(batch, -1) + n
         if not first:
             return self.session.step(hidden, positions, mask)
         hidden = torch.cat([self.prompt._prompt(batch).to(hidden.dtype), hidden], dim=1)
