@@ -8,7 +8,7 @@ same layout as announcements, with another domain string, so neither can be
 passed off as the other).
 
 Records travel two ways: stored in the Kademlia DHT under
-``/trustswarm-rep/<model key>/<verifier id>/<subject>`` (ReputationValidator on
+``/trustswarm-rep/<sha256 of model, verifier id, subject>`` (ReputationValidator on
 every node rejects forged, expired and misplaced records, and `select` keeps the
 newest sequence, so an older record cannot replace a newer one), and published on
 the gossipsub topic `REPUTATION_TOPIC(model_id)`.
@@ -16,6 +16,7 @@ the gossipsub topic `REPUTATION_TOPIC(model_id)`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -148,8 +149,13 @@ def sign_record(identity: Identity, record: ReputationRecord) -> SignedReputatio
 
 
 def record_key(verifier_id: str, subject: str, model_id: str) -> str:
-    """DHT key of the newest record `verifier_id` published about `subject` for a model."""
-    return f"/{REPUTATION_NAMESPACE}/{model_key(model_id)}/{verifier_id}/{subject}"
+    """DHT key of the newest record `verifier_id` published about `subject` for a model.
+
+    A digest of the three: py-libp2p ignores GET_VALUE keys over 128 bytes, and two
+    peer ids alone take 104.
+    """
+    digest = hashlib.sha256(json.dumps([model_id, verifier_id, subject]).encode()).hexdigest()
+    return f"/{REPUTATION_NAMESPACE}/{digest}"
 
 
 def REPUTATION_TOPIC(model_id: str) -> str:  # noqa: N802 - agreed name
@@ -158,7 +164,7 @@ def REPUTATION_TOPIC(model_id: str) -> str:  # noqa: N802 - agreed name
 
 
 class ReputationValidator(Validator):
-    """DHT validator for /trustswarm-rep/<model key>/<verifier id>/<subject> records.
+    """DHT validator for /trustswarm-rep/<digest of model, verifier, subject> records.
 
     `validate` rejects malformed, forged (not signed by the verifier in the key),
     expired and misplaced (another model, verifier or subject) records; `select`
@@ -168,15 +174,9 @@ class ReputationValidator(Validator):
 
     def validate(self, key: str, value: bytes) -> None:
         signed = SignedReputationRecord.from_bytes(value)
-        parts = key.split("/") if isinstance(key, str) else []
-        if len(parts) != 5 or parts[0] or parts[1] != REPUTATION_NAMESPACE:
+        if not isinstance(key, str) or not key.startswith(f"/{REPUTATION_NAMESPACE}/"):
             raise ProtocolError(f"not a reputation record key: {str(key)[:80]!r}")
-        rec = signed.record
-        if (parts[2], parts[3], parts[4]) != (
-            model_key(rec.model_id),
-            rec.verifier_id,
-            rec.subject,
-        ):
+        if key != signed.record.key:
             raise SignatureError(
                 "reputation record stored under another model, verifier or subject"
             )

@@ -16,7 +16,7 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
 
-from trustswarm.protocol.announcement import AnnouncementValidator, model_key
+from trustswarm.protocol.announcement import AnnouncementValidator
 from trustswarm.protocol.errors import ProtocolError, SignatureError
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.protocols import DHT_NAMESPACE
@@ -75,7 +75,7 @@ def test_round_trip_key_topic() -> None:
     assert again == BASE
     again.verify()
     VALIDATOR.validate(BASE_KEY, BASE_BYTES)
-    assert BASE_KEY == f"/{REPUTATION_NAMESPACE}/{model_key(MODEL)}/{VERIFIER.peer_id}/{SERVER}"
+    assert BASE_KEY.startswith(f"/{REPUTATION_NAMESPACE}/") and len(BASE_KEY) <= 128
     assert BASE_KEY == record_key(str(VERIFIER.peer_id), SERVER, MODEL)
     assert REPUTATION_TOPIC(MODEL) != REPUTATION_TOPIC("other/model")
     # An int score signs the same bytes as the float.
@@ -156,9 +156,9 @@ def test_wrong_key_fails(which: str) -> None:
     elif which == "namespace":
         key = "/".join(["", DHT_NAMESPACE, *parts[2:]])
     elif which == "short":
-        key = "/".join(parts[:-1])
+        key = BASE_KEY[:-1]
     else:
-        key = BASE_KEY + "/x"
+        key = BASE_KEY + "0"
     with pytest.raises(REJECTED):
         VALIDATOR.validate(key, BASE_BYTES)
 
