@@ -1,0 +1,72 @@
+"""Sending fraud evidence to a verifier (`/trustswarm/report/1`).
+
+A client that caught a disagreement (redundancy) hands the `DisagreementReport` to a
+verifier it trusts; the verifier recomputes and, if a signed answer was wrong, bans its
+signer. See verifier/reports.py for the verifier's side and the wire format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+
+from trustswarm.protocol import protocols
+from trustswarm.protocol.errors import ProtocolError
+from trustswarm.protocol.evidence import DisagreementReport
+from trustswarm.protocol.framing import raise_if_error, receive_message, write_frame
+from trustswarm.protocol.identity import parse_peer_id
+
+from .rpc import close_quietly, open_stream
+
+VERDICTS = ("upheld", "rejected", "rate_limited")
+
+
+@dataclass(frozen=True)
+class ReportVerdict:
+    verdict: str  # "upheld" | "rejected" | "rate_limited"
+    detail: str
+    banned: tuple[str, ...]
+
+    @property
+    def upheld(self) -> bool:
+        return self.verdict == "upheld"
+
+
+async def send_report(
+    host: IHost,
+    verifier_peer_id: ID | str,
+    report: DisagreementReport | bytes,
+    timeout: float = 120.0,
+) -> ReportVerdict:
+    """Send one report and wait for the verdict (the verifier recomputes: allow time).
+
+    The host must already know the verifier's address (connected, or in its peerstore).
+    Raises RemoteError when the verifier refuses the input (bad_request, too_large).
+    """
+    peer = verifier_peer_id if isinstance(verifier_peer_id, ID) else parse_peer_id(verifier_peer_id)
+    data = report.to_bytes() if isinstance(report, DisagreementReport) else bytes(report)
+    stream = await open_stream(host, peer, protocols.REPORT, timeout)
+    try:
+        with trio.fail_after(timeout):
+            async with trio.open_nursery() as nursery:
+                # Write while reading: a verifier may answer (rate_limited) without reading.
+                async def write() -> None:
+                    try:
+                        await write_frame(stream, data)
+                    except Exception:  # noqa: S110 - the answer tells what happened
+                        pass
+
+                nursery.start_soon(write)
+                answer, _ = await receive_message(stream)
+                nursery.cancel_scope.cancel()
+    finally:
+        await close_quietly(stream)
+    raise_if_error(answer)
+    verdict = answer.meta.get("verdict", "")
+    if verdict not in VERDICTS:
+        raise ProtocolError(f"verifier answered an unknown verdict {verdict[:40]!r}")
+    banned = tuple(p for p in answer.meta.get("banned", "").split(",") if p)
+    return ReportVerdict(verdict, answer.meta.get("detail", ""), banned)

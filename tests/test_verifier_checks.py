@@ -1,0 +1,120 @@
+"""Verifier spot-checks against a real loopback swarm (tiny model): honest servers are
+credited only after comparison, a tampering server is banned with proof, every check
+comes from a fresh identity, and a server that declines is not scored."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.adversary import Tamper, adversarial_server_cls
+from tests.swarm import LocalSwarm
+from tests.verifier_env import start_verifier, stop_verifier, wait_until
+from trustswarm.node.config import ServerConfig
+from trustswarm.protocol.evidence import DisagreementReport
+from trustswarm.verifier.challenges import ChallengeFactory
+from trustswarm.verifier.daemon import VerifierConfig
+from trustswarm.verifier.spotcheck import FRAUD, PASS, SKIPPED, CheckConfig
+
+pytestmark = pytest.mark.timeout(120)
+
+QUIET = CheckConfig(check_every=3600.0)  # the background loop stays idle; tests drive checks
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_model_dir: Path):
+    swarm = LocalSwarm(tiny_model_dir)
+    swarm.honest = [swarm.start_server((0, 3)), swarm.start_server((3, 6))]
+    swarm.cheat = swarm.start_server(
+        (0, 6), server_cls=adversarial_server_cls(Tamper("noise", amount=0.05, fraction=1.0))
+    )
+    swarm.spy = swarm.start_server(  # honest answers; remembers which peers asked
+        (0, 6), server_cls=adversarial_server_cls(Tamper("noise", fraction=0.0))
+    )
+    swarm.busy = swarm.start_server((0, 6), config=ServerConfig(max_sessions=0))
+    yield swarm
+    swarm.close()
+
+
+@pytest.fixture(scope="module")
+def verifier(swarm: LocalSwarm, tmp_path_factory: pytest.TempPathFactory):
+    db = tmp_path_factory.mktemp("verifier") / "v.db"
+    running = start_verifier(swarm, f"sqlite:///{db}", VerifierConfig(checks=QUIET))
+    view = running.verifier.view
+    wait_until(lambda: len(view.servers) == len(swarm.servers), timeout=20)
+    yield running
+    stop_verifier(swarm, running)
+
+
+def check(swarm, verifier, server, inference_share: float):
+    checker = verifier.verifier.checker
+    checker.config = dataclasses.replace(checker.config, inference_share=inference_share)
+    ann = verifier.verifier.view.servers[server.peer_id]
+    return swarm.loop.run(checker.check, ann)
+
+
+def test_challenges_are_real_hidden_states(verifier):
+    factory: ChallengeFactory = verifier.verifier.checker.factory
+    challenge = factory.make(3, 6, decode_steps=3)
+    assert len(challenge.steps) == 4
+    prefill, *decode = challenge.steps
+    tokens = len(factory.tokens(challenge.prompt))
+    assert prefill.hidden.shape == (1, tokens, factory.runner.hidden_size)
+    assert [s.hidden.shape[1] for s in decode] == [1, 1, 1]
+    assert challenge.steps[-1].mask.shape == (1, tokens + 3)
+    # The span's input is the reference output of blocks 0:3 on the prompt's embeddings.
+    ids = torch.tensor([factory.tokens(challenge.prompt)])
+    expected = factory.runner.forward(factory.parts.embed_tokens(ids), end=3)
+    torch.testing.assert_close(prefill.hidden, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("inference_share", [0.0, 1.0])
+def test_honest_servers_are_credited_after_comparison(swarm, verifier, inference_share):
+    store = verifier.store
+    model_id = verifier.verifier.model_id
+    for server in swarm.honest:
+        before = store.get(server.peer_id, model_id)
+        passes = before.passes if before else 0
+        result = check(swarm, verifier, server, inference_share)
+        assert result.outcome == PASS, result.detail
+        assert result.kind == ("inference" if inference_share else "forward")
+        after = store.get(server.peer_id, model_id)
+        assert (after.passes, after.failures, after.state) == (passes + 1, 0, "probation")
+    rows = store.checks(swarm.honest[0].peer_id)
+    assert rows and all(row.passed for row in rows)
+
+
+@pytest.mark.parametrize("inference_share", [0.0, 1.0])
+def test_tampering_server_is_banned_with_proof(swarm, verifier, inference_share):
+    store = verifier.store
+    model_id = verifier.verifier.model_id
+    result = check(swarm, verifier, swarm.cheat, inference_share)
+    assert result.outcome == FRAUD, result.detail
+    rep = store.get(swarm.cheat.peer_id, model_id)
+    assert rep.state == "banned" and rep.passes == 0 and rep.score == 0
+    proof = DisagreementReport.from_bytes(store.ban_proof(swarm.cheat.peer_id, model_id))
+    (answer,) = proof.answers
+    opened = answer.evidence.open()
+    assert opened[-1].statement.server_peer_id == swarm.cheat.peer_id
+    # A banned server is not picked for checks any more.
+    picked = {a.peer_id for a, _ in verifier.verifier.checker.candidates()}
+    assert swarm.cheat.peer_id not in picked
+
+
+def test_every_check_uses_a_fresh_identity(swarm, verifier):
+    results = [check(swarm, verifier, swarm.spy, share) for share in (0.0, 1.0, 1.0)]
+    assert all(r.outcome == PASS for r in results), [r.detail for r in results]
+    seen = swarm.spy.server.ctx.seen
+    probers = {r.prober for r in results}
+    assert len(probers) == 3
+    assert probers <= seen
+    assert verifier.peer_id not in seen
+
+
+def test_a_server_that_declines_is_not_scored(swarm, verifier):
+    result = check(swarm, verifier, swarm.busy, 1.0)  # max_sessions=0: answers busy
+    assert result.outcome == SKIPPED and "busy" in result.detail
+    assert verifier.store.get(swarm.busy.peer_id, verifier.verifier.model_id) is None

@@ -1,0 +1,249 @@
+"""The verifier daemon: spot-checks, fraud reports, and signed reputation records.
+
+One libp2p host under the verifier's published identity joins the swarm's DHT (server
+mode, with the announcement and reputation validators) and gossipsub, learns the
+servers like a client does (info RPC + DHT), serves `/trustswarm/report/1`, and runs
+three loops: spot-checks at random times (each from a fresh identity, see
+spotcheck.py), publishing a new signed record for a server right after each check or
+ban, and re-publishing every server's record periodically (records expire; the
+publisher paces its sends because gossipsub drops bursts).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import trio
+from libp2p.abc import IHost
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+from trustswarm.client.swarm import SwarmClient, SwarmView
+from trustswarm.models.runner import BlockRunner
+from trustswarm.models.store import ModelDir
+from trustswarm.protocol import protocols
+from trustswarm.protocol.announcement import AnnouncementValidator
+from trustswarm.protocol.identity import Identity
+from trustswarm.protocol.protocols import DHT_NAMESPACE
+from trustswarm.protocol.transport import connect_peers, make_host, parse_multiaddr
+from trustswarm.reputation.gossip import follow_records, running_pubsub
+from trustswarm.reputation.publish import RecordPublisher
+from trustswarm.reputation.records import (
+    REPUTATION_NAMESPACE,
+    ReputationRecord,
+    ReputationValidator,
+    SignedReputationRecord,
+    sign_record,
+)
+from trustswarm.reputation.store import ReputationStore
+
+from .challenges import ChallengeFactory
+from .judge import Judge
+from .reports import ReportConfig, ReportDesk
+from .spotcheck import FRAUD, CheckConfig, CheckResult, SpotChecker
+
+log = logging.getLogger("trustswarm.verifier")
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    checks: CheckConfig = field(default_factory=CheckConfig)
+    reports: ReportConfig = field(default_factory=ReportConfig)
+    refresh_every: float = 10.0  # seconds between swarm discovery rounds
+    republish_every: float = 30.0  # seconds between re-publishing every record
+    record_ttl: float = 300.0  # seconds a signed record stays valid
+    publish_pace: float = 0.15  # seconds between two publishes (gossipsub drops bursts)
+    connect_timeout: float = 10.0
+
+
+@dataclass
+class Verifier:
+    identity: Identity
+    model_dir: ModelDir
+    store: ReputationStore
+    config: VerifierConfig = field(default_factory=VerifierConfig)
+    swarm_key: str | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    host: IHost | None = None
+    dht: KadDHT | None = None
+    pubsub: Pubsub | None = None
+    view: SwarmView | None = None
+    checker: SpotChecker | None = None
+    desk: ReportDesk | None = None
+    results: deque[CheckResult] = field(default_factory=lambda: deque(maxlen=1000))
+    published: int = 0  # records handed to the publisher since start
+
+    def __post_init__(self) -> None:
+        self._compute = trio.CapacityLimiter(1)
+        self._publish_send, self._publish_receive = trio.open_memory_channel[str](256)
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.identity.peer_id)
+
+    @property
+    def model_id(self) -> str:
+        return self.model_dir.manifest.model_id
+
+    async def compute(self, fn, *args):  # noqa: ANN001, ANN201 - torch work off the loop
+        async with self._compute:
+            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+
+    # -- records --------------------------------------------------------------------
+
+    def record_for(self, peer_id: str) -> SignedReputationRecord | None:
+        rep = self.store.get(peer_id, self.model_id)
+        if rep is None:
+            return None
+        ann = self.view.servers.get(peer_id) if self.view else None
+        if ann is not None:
+            start, end = ann.start, ann.end
+        elif rep.start is not None and rep.end is not None:
+            start, end = rep.start, rep.end
+        else:
+            start, end = 0, self.model_dir.num_blocks
+        now = time.time()
+        record = ReputationRecord(
+            verifier_id=self.peer_id,
+            subject=peer_id,
+            model_id=self.model_id,
+            start=start,
+            end=end,
+            score=float(rep.score),
+            state=rep.state,
+            passes=rep.passes,
+            failures=rep.failures,
+            issued_at=now,
+            expires_at=now + self.config.record_ttl,
+            sequence=self.store.next_sequence(),
+        )
+        return sign_record(self.identity, record)
+
+    async def _publish(self, publisher: RecordPublisher, peers: Sequence[str]) -> None:
+        records = [r for r in (self.record_for(p) for p in peers) if r is not None]
+        if not records:
+            return
+        try:  # also saves each record in the store
+            await publisher.publish(records)
+        except Exception as exc:  # the DHT and gossip are best effort; we publish again
+            log.warning("publishing %d record(s) failed: %s", len(records), exc)
+        self.published += len(records)
+
+    async def _publish_changes(self, publisher: RecordPublisher) -> None:
+        """Publish a fresh record for each server whose evidence just changed."""
+        async for peer in self._publish_receive:
+            pending = {peer}
+            while True:  # coalesce a burst of changes
+                try:
+                    pending.add(self._publish_receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await self._publish(publisher, sorted(pending))
+
+    async def _republish_forever(self, publisher: RecordPublisher) -> None:
+        while True:
+            peers = [r.peer_id for r in self.store.all(self.model_id)]
+            await self._publish(publisher, peers)
+            await trio.sleep(self.config.republish_every)
+
+    def changed(self, peer_id: str) -> None:
+        try:
+            self._publish_send.send_nowait(peer_id)
+        except trio.WouldBlock:  # the periodic re-publish will carry it
+            pass
+
+    async def _on_check(self, result: CheckResult) -> None:
+        self.results.append(result)
+        if result.outcome != "skipped":
+            self.changed(result.peer_id)
+        if result.outcome == FRAUD:
+            log.warning("banned %s: %s", result.peer_id, result.detail)
+
+    async def _on_ban(self, peer_id: str) -> None:
+        self.changed(peer_id)
+
+    # -- discovery ------------------------------------------------------------------
+
+    async def _refresh_forever(self, swarm: SwarmClient) -> None:
+        while True:
+            try:
+                await swarm.refresh()
+            except Exception as exc:
+                log.warning("refreshing the swarm view failed: %s", exc)
+            await trio.sleep(self.config.refresh_every)
+
+    # -- main -----------------------------------------------------------------------
+
+    def _load(self) -> tuple[BlockRunner, ChallengeFactory, Judge]:
+        runner = BlockRunner(self.model_dir, 0, self.model_dir.num_blocks, torch.float32)
+        factory = ChallengeFactory(self.model_dir, runner, rng=random.Random(self.rng.random()))
+        return runner, factory, Judge(runner, self.model_id)
+
+    async def serve(
+        self,
+        listen: Sequence[str],
+        initial_peers: Sequence[str] = (),
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until cancelled; reports the full multiaddrs through task_status."""
+        cfg = self.config
+        _, factory, judge = await trio.to_thread.run_sync(self._load)
+        self.host = make_host(self.identity, self.swarm_key)
+        async with self.host.run(listen_addrs=[parse_multiaddr(a) for a in listen]):
+            self.dht = KadDHT(self.host, DHTMode.SERVER)
+            self.dht.register_validator(DHT_NAMESPACE, AnnouncementValidator())
+            self.dht.register_validator(REPUTATION_NAMESPACE, ReputationValidator())
+            # Pubsub runs before we dial anyone (see reputation/gossip.py).
+            async with background_trio_service(self.dht), running_pubsub(self.host) as pubsub:
+                self.pubsub = pubsub
+                await connect_peers(self.host, self.dht, initial_peers, cfg.connect_timeout)
+                self.view = SwarmView(
+                    model_id=self.model_id,
+                    span_digest=self.model_dir.manifest.span_digest,
+                    request_timeout=cfg.checks.timeout,
+                )
+                swarm = SwarmClient(
+                    self.host, self.view, initial_peers, connect_timeout=cfg.connect_timeout
+                )
+                swarm.dht = self.dht
+                self.checker = SpotChecker(
+                    self.view,
+                    factory,
+                    judge,
+                    self.store,
+                    self.compute,
+                    cfg.checks,
+                    self.swarm_key,
+                    random.Random(self.rng.random()),
+                )
+                self.desk = ReportDesk(judge, self.store, self.compute, cfg.reports, self._on_ban)
+                self.host.set_stream_handler(protocols.REPORT, self.desk.handle)
+                publisher = RecordPublisher(
+                    self.host,
+                    self.dht,
+                    self.pubsub,
+                    self.identity,
+                    self.store,
+                    pace_seconds=cfg.publish_pace,
+                )
+                full = list(
+                    dict.fromkeys(
+                        f"{str(a).split('/p2p/')[0]}/p2p/{self.peer_id}"
+                        for a in self.host.get_addrs()
+                    )
+                )
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(follow_records, pubsub, self.model_id)  # relay only
+                    nursery.start_soon(self._refresh_forever, swarm)
+                    nursery.start_soon(self._republish_forever, publisher)
+                    nursery.start_soon(self._publish_changes, publisher)
+                    nursery.start_soon(self.checker.run, self._on_check)
+                    task_status.started(full)
+                    await trio.sleep_forever()

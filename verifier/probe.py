@@ -1,0 +1,143 @@
+"""Sending a challenge to one server, exactly as a client would, and keeping the evidence.
+
+Each probe runs on its own libp2p host with a fresh identity (never the verifier's
+published one), dials the server, asks for its info as a client's discovery does, then
+sends a forward request or opens an inference session (prefill, then 1-token steps)
+with the client library's own message layout and checks every signed answer as a
+client does. What comes back is the evidence: each request and answer byte for byte.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from collections.abc import Sequence
+
+import multiaddr
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.peerinfo import PeerInfo
+
+from trustswarm.client.rpc import SpanCall, checked_answer, close_quietly, open_stream
+from trustswarm.client.rpc import request_message as span_request
+from trustswarm.protocol import protocols
+from trustswarm.protocol.codec import Message
+from trustswarm.protocol.errors import ProtocolError, SignatureError, TrustswarmError
+from trustswarm.protocol.evidence import Evidence, SignedExchange
+from trustswarm.protocol.framing import raise_if_error, receive_message, send_message
+from trustswarm.protocol.identity import Identity
+from trustswarm.protocol.info import call_info
+from trustswarm.protocol.transport import make_host
+
+from .challenges import Challenge
+
+
+class InvalidAnswer(TrustswarmError):
+    """A server answered, but not with a valid signed answer to our request."""
+
+
+def fresh_host(swarm_key: str | None = None) -> IHost:
+    """A host under a new, never reused identity: a check looks like a new client."""
+    return make_host(Identity.generate(), swarm_key)
+
+
+async def probe(
+    host: IHost,
+    call: SpanCall,
+    addrs: Sequence[str],
+    challenge: Challenge,
+    inference: bool,
+    timeout: float,
+    rng: random.Random | None = None,
+) -> Evidence:
+    """Send `challenge` to the server named by `call`; return the signed exchanges.
+
+    Raises InvalidAnswer for an answer that fails the client's checks (bad signature,
+    wrong digests, wrong shape), RemoteError for an error frame, and trio.TooSlowError
+    or other TrustswarmErrors when the server cannot be reached.
+    """
+    rng = rng or random.Random()
+    with trio.fail_after(timeout):
+        await host.connect(PeerInfo(call.peer_id, [_strip_p2p(a) for a in addrs]))
+    await call_info(host, call.peer_id, timeout)
+    if inference:
+        exchanges = await _session(host, call, challenge, timeout, rng)
+    else:
+        exchanges = [await _forward(host, call, challenge, timeout)]
+    return Evidence(tuple(exchanges))
+
+
+def _checked(
+    call: SpanCall, kind: str, raw: bytes, answer: Message, session_id: str = "", step: int = 0
+) -> None:
+    """The client's checks. A signed answer of the wrong shape passes here: it is still
+    a signed statement, and the judge's comparison turns it into proof."""
+    raise_if_error(answer)  # RemoteError: the server declined; not evidence of anything
+    try:
+        checked_answer(call, kind, raw, answer, "hidden_states", session_id, step)
+    except (SignatureError, ProtocolError) as exc:
+        raise InvalidAnswer(f"{kind} answer fails the client's checks: {exc}") from None
+
+
+async def _forward(host: IHost, call: SpanCall, challenge: Challenge, timeout: float):
+    step = challenge.steps[0]
+    request = span_request(
+        call,
+        {"hidden_states": step.hidden, "position_ids": step.positions, "attention_mask": step.mask},
+    )
+    stream = await open_stream(host, call.peer_id, protocols.FORWARD, timeout)
+    try:
+        with trio.fail_after(timeout):
+            raw = await send_message(stream, request)
+            answer, raw_answer = await receive_message(stream)
+    finally:
+        await close_quietly(stream)
+    _checked(call, "forward", raw, answer)
+    return SignedExchange(raw, raw_answer)
+
+
+async def _session(
+    host: IHost, call: SpanCall, challenge: Challenge, timeout: float, rng: random.Random
+) -> list[SignedExchange]:
+    # A client asks for prompt + max_new_tokens and may stop early (end of sequence).
+    max_length = challenge.total_tokens + rng.choice((0, 0, 4, 16, 32))
+    session_id = secrets.token_hex(16)
+    stream = await open_stream(host, call.peer_id, protocols.INFERENCE, timeout)
+    exchanges: list[SignedExchange] = []
+    try:
+        with trio.fail_after(timeout):
+            await send_message(
+                stream,
+                Message(
+                    meta={
+                        "start": str(call.start),
+                        "end": str(call.end),
+                        "session_id": session_id,
+                        "max_length": str(max_length),
+                        "batch_size": "1",
+                    }
+                ),
+            )
+            opened, _ = await receive_message(stream)
+        raise_if_error(opened)
+        for i, step in enumerate(challenge.steps):
+            request = Message(
+                tensors={
+                    "hidden_states": step.hidden,
+                    "position_ids": step.positions,
+                    "attention_mask": step.mask,
+                },
+                meta={"session_id": session_id, "step": str(i)},
+            )
+            with trio.fail_after(timeout):
+                raw = await send_message(stream, request)
+                answer, raw_answer = await receive_message(stream)
+            _checked(call, "inference", raw, answer, session_id, i)
+            exchanges.append(SignedExchange(raw, raw_answer))
+    finally:
+        await close_quietly(stream)
+    return exchanges
+
+
+def _strip_p2p(addr: str) -> multiaddr.Multiaddr:
+    return multiaddr.Multiaddr(addr.split("/p2p/")[0])
