@@ -13,9 +13,9 @@ import trio
 
 from trustswarm.models.errors import ModelDirError
 from trustswarm.models.store import ModelDir
-from trustswarm.protocol.errors import TrustswarmError
+from trustswarm.protocol.errors import ProtocolError, TrustswarmError
 from trustswarm.protocol.identity import Identity
-from trustswarm.protocol.transport import load_swarm_key, parse_peer_addr
+from trustswarm.protocol.transport import load_swarm_key, parse_multiaddr, parse_peer_addr
 
 from .config import ServerConfig
 from .server import BlockServer
@@ -44,6 +44,19 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def parse_announce_addrs(texts: list[str], peer_id: str) -> tuple[str, ...]:
+    """Multiaddrs to announce, without a /p2p/ part (one naming this peer is allowed)."""
+    out = []
+    for text in texts:
+        addr, _, peer = str(parse_multiaddr(text)).partition("/p2p/")
+        if peer and peer != peer_id:
+            raise ProtocolError(f"--announce-addr {text!r} names another peer ({peer})")
+        if "/tcp/" not in addr:
+            raise ProtocolError(f"--announce-addr {text!r} has no /tcp/ port")
+        out.append(addr)
+    return tuple(dict.fromkeys(out))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -76,6 +89,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         help="multiaddr to listen on (repeatable; default /ip4/0.0.0.0/tcp/31330)",
+    )
+    start.add_argument(
+        "--announce-addr",
+        action="append",
+        default=None,
+        metavar="MULTIADDR",
+        help="address to announce instead of the listen addresses (repeatable), e.g. a "
+        "router's forwarded port /ip4/203.0.113.7/tcp/31330 or a relay",
     )
     peers = start.add_mutually_exclusive_group(required=True)
     peers.add_argument(
@@ -126,6 +147,7 @@ def run_start(args: argparse.Namespace) -> int:
         initial = args.initial_peers or []
         for text in initial:
             parse_peer_addr(text)
+        announce = parse_announce_addrs(args.announce_addr or [], str(identity.peer_id))
     except (TrustswarmError, ModelDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -144,6 +166,7 @@ def run_start(args: argparse.Namespace) -> int:
         span_length=args.num_blocks,
         dtype=DTYPES[args.dtype],
         swarm_key=swarm_key,
+        announce_addrs=announce,
     )
     listen = args.listen or ["/ip4/0.0.0.0/tcp/31330"]
     try:

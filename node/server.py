@@ -58,6 +58,9 @@ class BlockServer:
     span_length: int | None = None  # blocks to serve when choosing; default all
     dtype: torch.dtype = torch.float32
     swarm_key: str | None = None
+    # Addresses put in the announcement instead of the listen addresses (Petals'
+    # --announce_maddrs): a NAT's forwarded port, a public IP, a relay. No /p2p/ part.
+    announce_addrs: tuple[str, ...] = ()
     throughput: float = 0.0
     runner: BlockRunner | None = None
     host: IHost | None = None
@@ -80,7 +83,12 @@ class BlockServer:
 
     def _announce_record(self) -> SignedAnnouncement:
         now = time.time()
-        addrs = tuple(str(a).split("/p2p/")[0] for a in self.host.get_addrs()) if self.host else ()
+        if self.announce_addrs:
+            addrs = tuple(self.announce_addrs)
+        elif self.host:
+            addrs = tuple(str(a).split("/p2p/")[0] for a in self.host.get_addrs())
+        else:
+            addrs = ()
         return sign_announcement(
             self.identity,
             Announcement(
@@ -153,7 +161,7 @@ class BlockServer:
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run until cancelled. Reports the full multiaddrs through task_status."""
-        self.host = make_host(self.identity, self.swarm_key)
+        self.host = make_host(self.identity, self.swarm_key, self.announce_addrs)
         addrs = [parse_multiaddr(a) for a in listen]
         async with self.host.run(listen_addrs=addrs):
             self.dht = KadDHT(self.host, DHTMode.SERVER)
@@ -174,7 +182,8 @@ class BlockServer:
                 peer = str(self.identity.peer_id)
                 full = list(
                     dict.fromkeys(
-                        f"{str(a).split('/p2p/')[0]}/p2p/{peer}" for a in self.host.get_addrs()
+                        f"{str(a).split('/p2p/')[0]}/p2p/{peer}"
+                        for a in self.host.get_transport_addrs()  # listen, not announce
                     )
                 )
                 async with trio.open_nursery() as nursery:

@@ -27,12 +27,15 @@ CONNECT_TIMEOUT = 10.0
 _PSK = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
-def make_host(identity: Identity, swarm_key: str | None = None) -> IHost:
+def make_host(
+    identity: Identity, swarm_key: str | None = None, announce_addrs: Sequence[str] = ()
+) -> IHost:
     """A host whose only security protocol is Noise.
 
     py-libp2p also offers plaintext by default, where a dialer can claim any peer
     id; restricting to Noise makes the remote peer id authenticated. One connection
-    per peer avoids the 250 ms "happy eyeballs" wait in connect().
+    per peer avoids the 250 ms "happy eyeballs" wait in connect(). `announce_addrs`
+    replace the listen addresses in what identify and the DHT tell other peers.
     """
     noise = NoiseTransport(
         identity.key_pair, noise_privkey=x25519.create_new_key_pair().private_key
@@ -43,6 +46,7 @@ def make_host(identity: Identity, swarm_key: str | None = None) -> IHost:
         muxer_preference="YAMUX",
         connection_config=ConnectionConfig(max_connections_per_peer=1),
         psk=swarm_key,
+        announce_addrs=[parse_multiaddr(a) for a in announce_addrs] or None,
     )
 
 
