@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-training clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: setup
 
 bench: setup
 	$(PY) bench/generation.py
+
+bench-training: setup
+	$(PY) bench/training.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
