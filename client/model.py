@@ -22,6 +22,7 @@ from .ptune import PromptedSession, SoftPrompt, check_tuning_options
 from .sequential import RemotePasses
 from .session import InferenceSession
 from .swarm import SwarmClient, SwarmView
+from .trust import make_trust_view
 
 log = logging.getLogger("trustswarm.client")
 
@@ -80,6 +81,8 @@ class DistributedModelForCausalLM(nn.Module):
         swarm_key: str | None = None,
         request_timeout: float = 30.0,
         connect_timeout: float = 10.0,
+        trusted_verifiers: Sequence[str] = (),  # peer ids of verifiers whose records count
+        min_reputation: float = 0.5,  # skip servers they score below this (or ban)
         dtype: torch.dtype = torch.float32,
         tuning_mode: str | None = None,
         pre_seq_len: int | None = None,
@@ -89,10 +92,13 @@ class DistributedModelForCausalLM(nn.Module):
         if not initial_peers:
             raise ValueError("initial_peers must name at least one peer of the swarm")
         identity = identity or Identity.generate()  # fresh identity: unlinkable clients
+        # None without trusted verifiers: routing ignores reputation, no pubsub runs.
+        trust = make_trust_view(trusted_verifiers, min_reputation, directory.manifest.model_id)
         view = SwarmView(
             model_id=directory.manifest.model_id,
             span_digest=directory.manifest.span_digest,
             request_timeout=request_timeout,
+            trust=trust,
         )
         swarm = SwarmClient(
             make_host(identity, swarm_key), view, initial_peers, connect_timeout=connect_timeout

@@ -26,14 +26,20 @@ def _seconds_per_token(ann: Announcement, start: int, end: int) -> float:
 
 
 def latency_route(
-    servers: list[Announcement], start: int, end: int, rtts: dict[str, float] | None = None
+    servers: list[Announcement],
+    start: int,
+    end: int,
+    rtts: dict[str, float] | None = None,
+    penalties: dict[str, float] | None = None,
 ) -> list[Hop]:
     """Cheapest chain of hops covering blocks [start, end) for one decoding step.
 
-    Cost of a hop = measured RTT + compute time of its blocks + fixed overhead;
+    Cost of a hop = measured RTT + compute time of its blocks + fixed overhead
+    + the server's penalty (seconds, >= 0: reputation, see client/trust.py);
     dynamic programming over block boundaries (exact, tiny for real block counts).
     """
     rtts = rtts or {}
+    penalties = penalties or {}
     best: dict[int, tuple[float, list[Hop]]] = {start: (0.0, [])}
     for a in range(start, end):
         if a not in best:
@@ -48,6 +54,7 @@ def latency_route(
                     cost_a
                     + rtts.get(ann.peer_id, DEFAULT_RTT)
                     + HOP_OVERHEAD
+                    + penalties.get(ann.peer_id, 0.0)
                     + _seconds_per_token(ann, a, b)
                 )
                 if b not in best or cost < best[b][0]:
@@ -60,11 +67,17 @@ def latency_route(
 
 
 def throughput_route(
-    servers: list[Announcement], start: int, end: int, rng: random.Random | None = None
+    servers: list[Announcement],
+    start: int,
+    end: int,
+    rng: random.Random | None = None,
+    weights: dict[str, float] | None = None,
 ) -> list[Hop]:
     """A route for a forward pass: at each block pick a server at random, weighted by
-    throughput, and let it run as far as it covers (spreads load across servers)."""
+    throughput (times its factor in `weights`, e.g. reputation), and let it run as far
+    as it covers (spreads load across servers)."""
     rng = rng or random.Random()
+    factors = weights or {}
     hops: list[Hop] = []
     a = start
     while a < end:
@@ -73,8 +86,8 @@ def throughput_route(
             raise SwarmError(
                 f"no available servers cover blocks {start}:{end}: {missing(servers, start, end)}"
             )
-        weights = [max(s.throughput, 1e-3) for s in candidates]
-        ann = rng.choices(candidates, weights=weights)[0]
+        shares = [max(s.throughput, 1e-3) * factors.get(s.peer_id, 1.0) for s in candidates]
+        ann = rng.choices(candidates, weights=[max(w, 1e-9) for w in shares])[0]
         b = min(ann.end, end)
         hops.append(Hop(ann, a, b))
         a = b

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -26,8 +27,11 @@ from trustswarm.protocol.identity import parse_peer_id
 from trustswarm.protocol.info import call_info
 from trustswarm.protocol.protocols import DHT_NAMESPACE
 from trustswarm.protocol.transport import connect_peers, parse_peer_addr
+from trustswarm.reputation.gossip import record_relay
+from trustswarm.reputation.records import REPUTATION_NAMESPACE, ReputationValidator
 
 from .routing import Hop, latency_route, throughput_route
+from .trust import TrustFeed, TrustView
 
 log = logging.getLogger("trustswarm.client")
 
@@ -52,6 +56,8 @@ class SwarmView:
     rtts: dict[str, float] = field(default_factory=dict)
     bans: dict[str, Ban] = field(default_factory=dict)
     banned_for_session: set[str] = field(default_factory=set)
+    # Reputation from trusted verifiers (None: no verifiers configured, no filtering).
+    trust: TrustView | None = None
 
     def consider(self, signed: SignedAnnouncement) -> bool:
         """Accept a verified, unexpired announcement for our model with the right weights."""
@@ -85,13 +91,24 @@ class SwarmView:
             and peer not in exclude
             and peer not in self.banned_for_session
             and (peer not in self.bans or self.bans[peer].until <= now)
+            and (self.trust is None or self.trust.allowed(peer, wall))
         ]
 
     def inference_route(self, start: int, end: int, exclude: Sequence[str] = ()) -> list[Hop]:
-        return latency_route(self.usable(exclude), start, end, self.rtts)
+        servers = self.usable(exclude)
+        return latency_route(servers, start, end, self.rtts, self._trust_map(servers, "penalty"))
 
     def forward_route(self, start: int, end: int, rng: random.Random | None = None) -> list[Hop]:
-        return throughput_route(self.usable(), start, end, rng)
+        servers = self.usable()
+        return throughput_route(servers, start, end, rng, self._trust_map(servers, "weight"))
+
+    def _trust_map(self, servers: list[Announcement], kind: str) -> dict[str, float] | None:
+        """Per-server route penalties or weights from reputation (None without trust)."""
+        if self.trust is None:
+            return None
+        wall = time.time()
+        fn = self.trust.route_penalty if kind == "penalty" else self.trust.route_weight
+        return {ann.peer_id: fn(ann.peer_id, wall) for ann in servers}
 
 
 class SwarmClient:
@@ -121,7 +138,15 @@ class SwarmClient:
         async with self.host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
             self.dht = KadDHT(self.host, DHTMode.CLIENT)
             self.dht.register_validator(DHT_NAMESPACE, AnnouncementValidator())
-            async with background_trio_service(self.dht):
+            self.dht.register_validator(REPUTATION_NAMESPACE, ReputationValidator())
+            # With trusted verifiers: follow their records on gossipsub (before dialling).
+            trust = self.view.trust
+            feed = (
+                record_relay(self.host, self.view.model_id, trust.accept)
+                if trust is not None
+                else contextlib.nullcontext()
+            )
+            async with background_trio_service(self.dht), feed:
                 await connect_peers(
                     self.host,
                     self.dht,
@@ -161,6 +186,12 @@ class SwarmClient:
         async with trio.open_nursery() as nursery:
             for peer, ann in fresh.items():
                 nursery.start_soon(self._ask, peer, [multiaddr.Multiaddr(a) for a in ann.addrs])
+        if self.view.trust is not None and self.dht is not None:
+            # Records missed on gossip (joined late, dropped bursts) are in the DHT.
+            with trio.move_on_after(self.connect_timeout):
+                await TrustFeed(self.view.trust, self.dht).fetch(
+                    list(self.view.servers), self.view.model_id
+                )
 
     async def _ask(self, peer: str, addrs: list[multiaddr.Multiaddr]) -> None:
         try:

@@ -33,6 +33,8 @@ from trustswarm.protocol.transport import (
     parse_multiaddr,
     parse_peer_addr,
 )
+from trustswarm.reputation.gossip import record_relay
+from trustswarm.reputation.records import REPUTATION_NAMESPACE, ReputationValidator
 
 from .config import ServerConfig
 from .handlers import (
@@ -166,7 +168,12 @@ class BlockServer:
         async with self.host.run(listen_addrs=addrs):
             self.dht = KadDHT(self.host, DHTMode.SERVER)
             self.dht.register_validator(DHT_NAMESPACE, AnnouncementValidator())
-            async with background_trio_service(self.dht):
+            self.dht.register_validator(REPUTATION_NAMESPACE, ReputationValidator())
+            # Pubsub relays verifiers' reputation records; it must run before dialling.
+            async with (
+                background_trio_service(self.dht),
+                record_relay(self.host, self.model_id),
+            ):
                 await connect_peers(self.host, self.dht, initial_peers)
                 span = self.span or await self._choose_span(initial_peers)
                 self.runner = await trio.to_thread.run_sync(self._load_runner, span)

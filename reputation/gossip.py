@@ -129,3 +129,22 @@ async def follow_records(
             on_record(signed)
         except Exception as exc:  # a bad consumer must not stop the subscription
             log.warning("reputation record handler failed: %s", exc)
+
+
+@asynccontextmanager
+async def record_relay(
+    host: IHost,
+    model_id: str,
+    on_record: Callable[[SignedReputationRecord], object] | None = None,
+) -> AsyncIterator[Pubsub]:
+    """Run pubsub on `host` and follow the model's record topic while the block runs.
+
+    Servers use it with no `on_record`: they check and relay records, so a client
+    connected to any server hears every verifier. Enter it before dialling peers.
+    """
+    async with running_pubsub(host) as pubsub, trio.open_nursery() as nursery:
+        await nursery.start(follow_records, pubsub, model_id, on_record)
+        try:
+            yield pubsub
+        finally:
+            nursery.cancel_scope.cancel()
