@@ -12,6 +12,7 @@ from libp2p.peer.id import ID
 
 from trustswarm.protocol.codec import Message
 from trustswarm.protocol.digests import bytes_digest, tensors_digest
+from trustswarm.protocol.evidence import SignedExchange
 from trustswarm.protocol.framing import raise_if_error, receive_message, send_message
 from trustswarm.protocol.limits import DEFAULT_LIMITS, Limits
 from trustswarm.protocol.statement import Expectation, SignedStatement, check_statement
@@ -96,13 +97,15 @@ async def call_span(
     answer_name: str,
     timeout: float,
     limits: Limits = DEFAULT_LIMITS,
-) -> torch.Tensor:
-    """One request per stream (forward or backward)."""
+) -> tuple[torch.Tensor, SignedExchange]:
+    """One request per stream (forward or backward): the checked output and the
+    exchange as sent and received (evidence if the output turns out wrong)."""
     stream = await open_stream(host, call.peer_id, protocol, timeout)
     try:
         with trio.fail_after(timeout):
             raw = await send_message(stream, request_message(call, tensors), limits)
-            answer, _ = await receive_message(stream, limits)
+            answer, raw_answer = await receive_message(stream, limits)
     finally:
         await close_quietly(stream)
-    return checked_answer(call, kind, raw, answer, answer_name)
+    output = checked_answer(call, kind, raw, answer, answer_name)
+    return output, SignedExchange(raw, raw_answer)

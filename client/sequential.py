@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from libp2p.peer.id import ID
@@ -11,6 +10,7 @@ from libp2p.peer.id import ID
 from trustswarm.protocol import protocols
 from trustswarm.protocol.errors import SwarmError
 
+from .redundant import HopResult, RedundantSpans, span_call
 from .routing import Hop
 from .rpc import SpanCall, call_span
 from .swarm import SwarmClient
@@ -18,27 +18,19 @@ from .swarm import SwarmClient
 log = logging.getLogger("trustswarm.client")
 
 
-@dataclass(frozen=True)
-class HopResult:
-    hop: Hop
-    inputs: torch.Tensor
-    output: torch.Tensor
-
-
 class RemotePasses:
-    def __init__(self, swarm: SwarmClient, max_failures: int = 8) -> None:
+    """Forward and backward through the swarm; with redundancy k > 1 every span is
+    computed by k distinct servers and their answers are compared (RedundantSpans)."""
+
+    def __init__(self, swarm: SwarmClient, max_failures: int = 8, redundancy: int = 1) -> None:
+        if redundancy < 1:
+            raise ValueError("redundancy must be at least 1")
         self.swarm = swarm
         self.max_failures = max_failures
+        self.redundancy = redundancy
 
     def _call(self, hop: Hop) -> SpanCall:
-        view = self.swarm.view
-        return SpanCall(
-            ID.from_base58(hop.server.peer_id),
-            view.model_id,
-            hop.start,
-            hop.end,
-            view.span_digest(hop.start, hop.end),
-        )
+        return span_call(self.swarm.view, hop.server, hop.start, hop.end)
 
     async def forward(
         self,
@@ -50,6 +42,10 @@ class RemotePasses:
     ) -> tuple[torch.Tensor, list[HopResult]]:
         """Run blocks [start, end); on a failure, reroute the rest from that block."""
         hidden = hidden.float().contiguous()
+        if self.redundancy > 1:
+            return await RedundantSpans(self.swarm, self.redundancy, self.max_failures).forward(
+                hidden, positions, mask, start, end
+            )
         results: list[HopResult] = []
         failures = 0
         block = start
@@ -57,7 +53,7 @@ class RemotePasses:
             hop = self.swarm.view.forward_route(block, end)[0]
             try:
                 await self.swarm.ensure_connected(ID.from_base58(hop.server.peer_id))
-                output = await call_span(
+                output, _ = await call_span(
                     self.swarm.host,
                     self._call(hop),
                     protocols.FORWARD,
@@ -90,6 +86,9 @@ class RemotePasses:
     ) -> torch.Tensor:
         """Gradients w.r.t. the inputs, hop by hop in reverse."""
         grad = grad.float().contiguous()
+        if self.redundancy > 1:
+            spans = RedundantSpans(self.swarm, self.redundancy, self.max_failures)
+            return await spans.backward(results, grad, positions, mask)
         for result in reversed(results):
             grad = await self._backward_hop(result, grad, positions, mask)
         return grad
@@ -108,7 +107,7 @@ class RemotePasses:
             try:
                 call = self._call(hop)
                 await self.swarm.ensure_connected(call.peer_id)
-                grad_in = await call_span(
+                grad_in, _ = await call_span(
                     self.swarm.host,
                     call,
                     protocols.BACKWARD,

@@ -19,6 +19,7 @@ from libp2p.peer.id import ID
 from trustswarm.protocol import protocols
 from trustswarm.protocol.codec import Message
 from trustswarm.protocol.errors import SwarmError
+from trustswarm.protocol.evidence import SignedExchange
 from trustswarm.protocol.framing import raise_if_error, receive_message, send_message
 
 from .routing import Hop
@@ -37,6 +38,12 @@ class _HopSession:
     # Everything this hop's blocks have been fed so far: the replay for a replacement.
     inputs: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    # Every step as sent and answered: the evidence if an answer turns out wrong.
+    transcript: list[SignedExchange] = field(default_factory=list)
+
+    @property
+    def peer(self) -> str:
+        return str(self.call.peer_id)
 
     def remember(self, hidden: torch.Tensor, positions: torch.Tensor) -> None:
         self.inputs = hidden if self.inputs is None else torch.cat([self.inputs, hidden], dim=1)
@@ -57,7 +64,6 @@ class InferenceSession:
     length: int = 0
     mask: torch.Tensor | None = None
     failures: int = 0
-    served_by: list[list[str]] = field(default_factory=list)
 
     @property
     def timeout(self) -> float:
@@ -135,10 +141,11 @@ class InferenceSession:
         )
         with trio.fail_after(self.timeout):
             raw = await send_message(hop.stream, request)
-            answer, _ = await receive_message(hop.stream)
+            answer, raw_answer = await receive_message(hop.stream)
         output = checked_answer(
             hop.call, "inference", raw, answer, "hidden_states", hop.session_id, hop.step
         )
+        hop.transcript.append(SignedExchange(raw, raw_answer))
         if output.shape != hidden.shape:
             raise SwarmError(
                 f"server answered shape {list(output.shape)}, expected {list(hidden.shape)}"

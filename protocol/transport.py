@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import multiaddr
@@ -111,3 +112,24 @@ async def connect_peers(
         with trio.move_on_after(timeout):
             await dht.refresh_routing_table()
     return connected
+
+
+@asynccontextmanager
+async def running_host(
+    host: IHost, listen_addrs: Sequence[multiaddr.Multiaddr]
+) -> AsyncIterator[IHost]:
+    """`host.run()` that also closes the network on exit.
+
+    py-libp2p 0.8.1 leaves its listeners and connections open when `host.run()`
+    exits, so a stopped in-process node would go on accepting connections and
+    answering streams. Closing the swarm explicitly makes "stopped" mean stopped.
+    """
+    try:
+        async with host.run(listen_addrs=listen_addrs):
+            yield host
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await host.get_network().close()
+            except Exception as exc:  # best effort: the process may be exiting anyway
+                log.debug("closing the libp2p network failed: %s", exc)

@@ -128,8 +128,9 @@ def tamper_weights(runner: BlockRunner, tamper: Tamper) -> None:
                     quantize_(module.weight, tamper.bits)
 
 
-def adversarial_server_cls(tamper: Tamper) -> type[BlockServer]:
-    """A BlockServer subclass that tampers as `tamper` says (for LocalSwarm.start_server)."""
+def adversarial_server_cls(tamper: Tamper, boast: float = 1.0) -> type[BlockServer]:
+    """A BlockServer subclass that tampers as `tamper` says (for LocalSwarm.start_server).
+    `boast` multiplies the throughput it announces, to attract routes as a cheater would."""
 
     class AdversarialServer(BlockServer):
         def _load_runner(self, span: tuple[int, int]) -> BlockRunner:
@@ -139,6 +140,7 @@ def adversarial_server_cls(tamper: Tamper) -> type[BlockServer]:
             return runner
 
         def _make_context(self) -> ServingContext:
+            self.throughput *= boast
             honest = super()._make_context()
             return TamperingContext(
                 identity=honest.identity,

@@ -27,6 +27,7 @@ class RunningServer:
     addrs: list[str]
     scope: trio.CancelScope
     alive: bool = True
+    stopped: trio.Event = field(default_factory=trio.Event)
 
     @property
     def peer_id(self) -> str:
@@ -51,7 +52,7 @@ class LocalSwarm:
     def start_server(
         self, span: tuple[int, int] | None, *, dtype: torch.dtype = torch.float32,
         config: ServerConfig | None = None, server_cls: type[BlockServer] = BlockServer,
-        span_length: int | None = None, **kwargs: object,
+        span_length: int | None = None, listen: str = LOOPBACK, **kwargs: object,
     ) -> RunningServer:
         server = server_cls(
             identity=Identity.generate(), model_dir=self.model_dir,
@@ -63,12 +64,17 @@ class LocalSwarm:
         async def launch() -> RunningServer:
             scope = trio.CancelScope()
 
+            stopped = trio.Event()
+
             async def run(task_status: trio.TaskStatus[list[str]]) -> None:
-                with scope:
-                    await server.serve([LOOPBACK], initial, task_status=task_status)
+                try:
+                    with scope:
+                        await server.serve([listen], initial, task_status=task_status)
+                finally:
+                    stopped.set()
 
             addrs = await self._nursery.start(run)
-            return RunningServer(server, addrs, scope)
+            return RunningServer(server, addrs, scope, stopped=stopped)
 
         running = self.loop.run(launch)
         self.servers.append(running)
@@ -84,7 +90,10 @@ class LocalSwarm:
 
         async def cancel() -> None:
             running.scope.cancel()
-            await trio.sleep(0.05)
+            with trio.move_on_after(10):
+                await running.stopped.wait()
+            if not running.stopped.is_set():
+                raise RuntimeError(f"server {running.peer_id} did not stop within 10 s")
 
         self.loop.run(cancel)
 

@@ -1,0 +1,220 @@
+"""One redundant call: ask k replicas, cluster their answers, escalate, keep the evidence.
+
+The value accepted is the one a quorum (strict majority of k) of distinct servers
+agree on within the comparator's tolerance, and only if no other cluster is as large.
+Without such a majority the client asks more servers, one at a time; if that does not
+settle it and the client holds the reference blocks, it recomputes locally. It never
+silently picks one answer: an unresolved call raises DisagreementError with the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import torch
+import trio
+
+from trustswarm.protocol.comparator import compare
+from trustswarm.protocol.errors import SwarmError
+from trustswarm.protocol.evidence import DisagreementReport, Evidence, ReplicaAnswer
+
+from .replicas import quorum
+
+log = logging.getLogger("trustswarm.client")
+
+R = TypeVar("R")
+
+
+class DisagreementError(SwarmError):
+    """Replicas disagreed and no value won; `report` holds the evidence."""
+
+    def __init__(self, message: str, report: DisagreementReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Answer:
+    peer_id: str
+    output: torch.Tensor
+    evidence: Evidence
+
+
+@dataclass(frozen=True)
+class Decision:
+    clusters: list[int]  # cluster number of each answer, in order
+    winner: int | None
+
+
+def cluster(outputs: Sequence[torch.Tensor], kind: str) -> list[int]:
+    """Greedy clustering: each output joins the first cluster whose first member it
+    agrees with (the comparator is not transitive; the first member anchors)."""
+    anchors: list[torch.Tensor] = []
+    numbers: list[int] = []
+    for output in outputs:
+        for i, anchor in enumerate(anchors):
+            if compare(anchor, output, kind=kind).agree:
+                numbers.append(i)
+                break
+        else:
+            anchors.append(output)
+            numbers.append(len(anchors) - 1)
+    return numbers
+
+
+def decide(outputs: Sequence[torch.Tensor], k: int, kind: str) -> Decision:
+    """The winning cluster: at least quorum(k) members and strictly larger than any other."""
+    numbers = cluster(outputs, kind)
+    sizes = Counter(numbers).most_common()
+    if not sizes:
+        return Decision(numbers, None)
+    best, size = sizes[0]
+    runner_up = sizes[1][1] if len(sizes) > 1 else 0
+    winner = best if size >= quorum(k) and size > runner_up else None
+    return Decision(numbers, winner)
+
+
+def preferred(answers: Sequence[Answer]) -> Answer:
+    """Within agreeing answers, continue with the most precise one (float32 over bf16)."""
+    return max(answers, key=lambda a: torch.finfo(a.output.dtype).bits)
+
+
+@dataclass
+class Outcome(Generic[R]):
+    output: torch.Tensor
+    kept: list[R]  # replicas whose answers won
+    dropped: list[R]  # replicas that failed or lost (banned by the caller's hooks)
+    report: DisagreementReport | None
+
+
+@dataclass
+class RedundantCall(Generic[R]):
+    """The hooks one kind of call provides; `run` does the rest."""
+
+    k: int
+    kind: str  # forward | inference | backward (the statement kind)
+    model_id: str
+    start: int
+    end: int
+    peer_of: Callable[[R], str]
+    ask: Callable[[R], Awaitable[Answer]]
+    spare: Callable[[set[str]], Awaitable[R | None]]  # a replica not among these peers
+    fail: Callable[[R, Exception], None]  # count and ban; raises when failures run out
+    report: Callable[[DisagreementReport], None]  # bans the accused, records, notifies
+    local: Callable[[], Awaitable[torch.Tensor]] | None = None
+    max_escalations: int | None = None  # default: k
+
+    @property
+    def comparator_kind(self) -> str:
+        return "grad" if self.kind == "backward" else "hidden"
+
+    async def _ask_all(self, replicas: list[R]) -> list[tuple[R, Answer | Exception]]:
+        results: list[tuple[R, Answer | Exception] | None] = [None] * len(replicas)
+
+        async def one(i: int, replica: R) -> None:
+            try:
+                results[i] = (replica, await self.ask(replica))
+            except Exception as exc:
+                results[i] = (replica, exc)
+
+        async with trio.open_nursery() as nursery:
+            for i, replica in enumerate(replicas):
+                nursery.start_soon(one, i, replica)
+        return [r for r in results if r is not None]
+
+    async def run(self, replicas: list[R]) -> Outcome[R]:
+        asked = {self.peer_of(r) for r in replicas}
+        answered: list[tuple[R, Answer]] = []
+        dropped: list[R] = []
+        pending = list(replicas)
+        escalations, budget = 0, self.k if self.max_escalations is None else self.max_escalations
+        decision = Decision([], None)
+        while pending:
+            for replica, result in await self._ask_all(pending):
+                if isinstance(result, Exception):
+                    dropped.append(replica)
+                    self.fail(replica, result)
+                else:
+                    answered.append((replica, result))
+            pending = []
+            missing = self.k - len(answered)
+            for _ in range(max(0, missing)):  # replace failed replicas first
+                spare = await self.spare(asked)
+                if spare is None:
+                    break
+                asked.add(self.peer_of(spare))
+                pending.append(spare)
+            if pending:
+                continue
+            decision = decide([a.output for _, a in answered], self.k, self.comparator_kind)
+            if decision.winner is None and escalations < budget:
+                spare = await self.spare(asked)
+                if spare is not None:
+                    log.warning(
+                        "replicas of blocks %d:%d disagree; asking one more server",
+                        self.start,
+                        self.end,
+                    )
+                    escalations += 1
+                    asked.add(self.peer_of(spare))
+                    pending.append(spare)
+        return await self._conclude(answered, dropped, decision, escalations)
+
+    async def _conclude(
+        self,
+        answered: list[tuple[R, Answer]],
+        dropped: list[R],
+        decision: Decision,
+        escalations: int,
+    ) -> Outcome[R]:
+        winner, resolution, output = decision.winner, "majority", None
+        if escalations:
+            resolution = "escalation"
+        if winner is None and self.local is not None and answered:
+            reference = await self.local()
+            agreeing = [
+                n
+                for n, (_, a) in zip(decision.clusters, answered, strict=True)
+                if compare(reference, a.output, kind=self.comparator_kind).agree
+            ]
+            winner = agreeing[0] if agreeing else None
+            resolution, output = "local", reference
+        if winner is None and output is None:
+            resolution = "unresolved"
+        several = len(set(decision.clusters)) > 1
+        report = None
+        if several or resolution in ("unresolved", "local"):
+            report = DisagreementReport(
+                model_id=self.model_id,
+                start=self.start,
+                end=self.end,
+                kind=self.kind,
+                answers=tuple(
+                    ReplicaAnswer(a.peer_id, a.evidence, n)
+                    for n, (_, a) in zip(decision.clusters, answered, strict=True)
+                ),
+                # -1: the local recomputation won and no server agreed with it.
+                accepted_cluster=winner
+                if winner is not None
+                else (-1 if output is not None else None),
+                resolution=resolution,
+                detail=f"redundancy={self.k}, {len(answered)} answers, {escalations} escalations",
+            )
+            self.report(report)
+        if winner is None and output is None:
+            raise DisagreementError(
+                f"servers disagree on blocks {self.start}:{self.end} and no value has a "
+                f"majority ({len(answered)} answers)",
+                report,
+            )
+        kept = [r for n, (r, _) in zip(decision.clusters, answered, strict=True) if n == winner]
+        lost = [r for n, (r, _) in zip(decision.clusters, answered, strict=True) if n != winner]
+        if output is None:
+            output = preferred(
+                [a for n, (_, a) in zip(decision.clusters, answered, strict=True) if n == winner]
+            ).output
+        return Outcome(output.float(), kept, dropped + lost, report)

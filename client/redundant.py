@@ -1,0 +1,154 @@
+"""Stateless forward and backward with redundancy: k servers per span, compared."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from trustswarm.protocol import protocols
+from trustswarm.protocol.announcement import Announcement
+from trustswarm.protocol.errors import SwarmError
+from trustswarm.protocol.evidence import Evidence
+
+from .agreement import Answer, RedundantCall
+from .replicas import hosts_of, pick, segments
+from .routing import Hop
+from .rpc import SpanCall, call_span
+from .swarm import SwarmClient, SwarmView
+
+
+@dataclass(frozen=True)
+class HopResult:
+    hop: Hop
+    inputs: torch.Tensor
+    output: torch.Tensor
+
+
+def span_call(view: SwarmView, server: Announcement, start: int, end: int) -> SpanCall:
+    return SpanCall(
+        ID.from_base58(server.peer_id), view.model_id, start, end, view.span_digest(start, end)
+    )
+
+
+class RedundantSpans:
+    def __init__(self, swarm: SwarmClient, k: int, max_failures: int = 8) -> None:
+        self.swarm = swarm
+        self.k = k
+        self.max_failures = max_failures
+        self.failures = 0
+
+    @property
+    def view(self) -> SwarmView:
+        return self.swarm.view
+
+    def _fail(self, server: Announcement, exc: Exception) -> None:
+        self.failures += 1
+        self.view.ban(server.peer_id, f"{type(exc).__name__}: {exc}")
+        if self.failures > self.max_failures:
+            raise SwarmError(f"gave up after {self.failures} server failures; last: {exc}")
+
+    def _choose(self, start: int, end: int, count: int, exclude: set[str]) -> list[Announcement]:
+        taken = [self.view.servers[p] for p in exclude if p in self.view.servers]
+        return pick(
+            self.view.usable(tuple(exclude)),
+            start,
+            end,
+            count,
+            avoid_hosts=set().union(*(hosts_of(s) for s in taken)),
+            rtts=self.view.rtts,
+        )
+
+    async def _call(
+        self,
+        kind: str,
+        protocol: TProtocol,
+        start: int,
+        end: int,
+        tensors: dict[str, torch.Tensor | None],
+        answer_name: str,
+        expected_shape: torch.Size,
+    ) -> tuple[torch.Tensor, list[Announcement]]:
+        async def ask(server: Announcement) -> Answer:
+            call = span_call(self.view, server, start, end)
+            await self.swarm.ensure_connected(call.peer_id)
+            output, exchange = await call_span(
+                self.swarm.host,
+                call,
+                protocol,
+                kind,
+                tensors,
+                answer_name,
+                self.view.request_timeout,
+            )
+            if output.shape != expected_shape:
+                raise SwarmError(f"answer shape {list(output.shape)} != {list(expected_shape)}")
+            return Answer(server.peer_id, output, Evidence((exchange,)))
+
+        async def spare(asked: set[str]) -> Announcement | None:
+            chosen = self._choose(start, end, 1, asked)
+            return chosen[0] if chosen else None
+
+        call = RedundantCall[Announcement](
+            k=self.k,
+            kind=kind,
+            model_id=self.view.model_id,
+            start=start,
+            end=end,
+            peer_of=lambda s: s.peer_id,
+            ask=ask,
+            spare=spare,
+            fail=self._fail,
+            report=self.view.report_disagreement,
+        )
+        outcome = await call.run(self._choose(start, end, self.k, set()))
+        return outcome.output, outcome.kept
+
+    async def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        start: int,
+        end: int,
+    ) -> tuple[torch.Tensor, list[HopResult]]:
+        results: list[HopResult] = []
+        for a, b in segments(self.view.usable(), start, end, self.k):
+            output, kept = await self._call(
+                "forward",
+                protocols.FORWARD,
+                a,
+                b,
+                {"hidden_states": hidden, "position_ids": positions, "attention_mask": mask},
+                "hidden_states",
+                hidden.shape,
+            )
+            results.append(HopResult(Hop(kept[0], a, b), hidden, output))
+            hidden = output
+        return hidden, results
+
+    async def backward(
+        self,
+        results: list[HopResult],
+        grad: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        for result in reversed(results):
+            grad, _ = await self._call(
+                "backward",
+                protocols.BACKWARD,
+                result.hop.start,
+                result.hop.end,
+                {
+                    "hidden_states": result.inputs,
+                    "grad_outputs": grad,
+                    "position_ids": positions,
+                    "attention_mask": mask,
+                },
+                "grad_inputs",
+                grad.shape,
+            )
+        return grad

@@ -1,0 +1,146 @@
+"""Inference sessions with redundancy: every segment of blocks runs on k replicas.
+
+Each replica keeps its own server-side KV cache. All replicas of a segment are fed
+the same agreed inputs, which the group remembers; a replica that fails or loses a
+vote is replaced by a fresh server that first replays that history (one step), then
+answers the current step like the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from trustswarm.protocol.errors import SwarmError
+from trustswarm.protocol.evidence import Evidence
+
+from .agreement import Answer, RedundantCall
+from .replicas import hosts_of, pick, segments
+from .routing import Hop
+from .rpc import close_quietly
+from .session import InferenceSession, _HopSession
+
+
+@dataclass
+class _ReplicaGroup:
+    start: int
+    end: int
+    replicas: list[_HopSession]
+    inputs: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+    def remember(self, hidden: torch.Tensor, positions: torch.Tensor) -> None:
+        self.inputs = hidden if self.inputs is None else torch.cat([self.inputs, hidden], dim=1)
+        self.positions = (
+            positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
+        )
+
+
+@dataclass
+class RedundantInferenceSession(InferenceSession):
+    redundancy: int = 2
+    groups: list[_ReplicaGroup] = field(default_factory=list)
+
+    async def open(self) -> None:
+        view = self.swarm.view
+        for start, end in segments(view.usable(), self.start, self.end, self.redundancy):
+            group = _ReplicaGroup(start, end, [])
+            self.groups.append(group)
+            while len(group.replicas) < self.redundancy:
+                replica = await self._spare(group, None, {h.peer for h in group.replicas})
+                if replica is None:
+                    raise SwarmError(
+                        f"redundancy={self.redundancy}: only {len(group.replicas)} servers "
+                        f"could open a session for blocks {start}:{end}"
+                    )
+                group.replicas.append(replica)
+
+    async def close(self) -> None:
+        for group in self.groups:
+            for replica in group.replicas:
+                await close_quietly(replica.stream)
+        self.groups = []
+
+    async def _spare(
+        self, group: _ReplicaGroup, past_mask: torch.Tensor | None, asked: set[str]
+    ) -> _HopSession | None:
+        """Open a session on a server not in `asked` and replay the group's history.
+        Servers that fail to open or replay are banned; None when none is left."""
+        view = self.swarm.view
+        while True:
+            taken = [view.servers[p] for p in asked if p in view.servers]
+            chosen = pick(
+                view.usable(tuple(asked)),
+                group.start,
+                group.end,
+                1,
+                avoid_hosts=set().union(*(hosts_of(s) for s in taken)),
+                rtts=view.rtts,
+            )
+            if not chosen:
+                return None
+            server = chosen[0]
+            asked.add(server.peer_id)
+            replica: _HopSession | None = None
+            try:
+                replica = await self._open_hop(Hop(server, group.start, group.end))
+                if group.inputs is not None and past_mask is not None:
+                    await self._send_step(replica, group.inputs, group.positions, past_mask)
+                return replica
+            except Exception as exc:
+                if replica is not None:
+                    await close_quietly(replica.stream)
+                self._fail(server.peer_id, f"could not open a replica: {exc}")
+
+    async def step(
+        self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        tokens = hidden.shape[1]
+        if self.length + tokens > self.max_length:
+            raise SwarmError(f"session max_length {self.max_length} exceeded")
+        hidden = hidden.float().contiguous()
+        past_mask = mask[:, : self.length]
+        for group in self.groups:
+            hidden = await self._step_group(group, hidden, positions, mask, past_mask)
+        self.length += tokens
+        return hidden
+
+    async def _step_group(
+        self,
+        group: _ReplicaGroup,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        past_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        async def ask(replica: _HopSession) -> Answer:
+            output = await self._send_step(replica, hidden, positions, mask)
+            return Answer(replica.peer, output, Evidence(tuple(replica.transcript)))
+
+        async def spare(asked: set[str]) -> _HopSession | None:
+            return await self._spare(group, past_mask, asked)
+
+        def fail(replica: _HopSession, exc: Exception) -> None:
+            self._fail(replica.peer, f"step failed: {type(exc).__name__}: {exc}")
+
+        call = RedundantCall[_HopSession](
+            k=self.redundancy,
+            kind="inference",
+            model_id=self.swarm.view.model_id,
+            start=group.start,
+            end=group.end,
+            peer_of=lambda r: r.peer,
+            ask=ask,
+            spare=spare,
+            fail=fail,
+            report=self.swarm.view.report_disagreement,
+        )
+        outcome = await call.run(list(group.replicas))
+        for replica in outcome.dropped:
+            await close_quietly(replica.stream)
+        # Replicas that answered and agreed go on; failed or outvoted ones are replaced
+        # at the next step (RedundantCall tops the group up to k first).
+        group.replicas = outcome.kept
+        group.remember(hidden, positions)
+        return outcome.output
