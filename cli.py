@@ -7,6 +7,7 @@ import sys
 
 from trustswarm.models import cli as model_cli
 from trustswarm.node import cli as node_cli
+from trustswarm.reputation import cli as reputation_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     model_cli.register(sub)
     node_cli.register(sub)
+    reputation_cli.register(sub)
     return parser
 
 

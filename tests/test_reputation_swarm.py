@@ -20,6 +20,7 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.tools.anyio_service import background_trio_service
 
 from tests.swarm import LocalSwarm
+from trustswarm.cli import main
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.protocol.announcement import AnnouncementValidator
 from trustswarm.protocol.identity import Identity
@@ -96,7 +97,9 @@ def wait_for(condition, timeout: float = 15.0) -> float:  # noqa: ANN001 - a cal
     return time.monotonic() - began
 
 
-def test_trusting_client_routes_around_bad_servers(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_trusting_client_routes_around_bad_servers(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     swarm = LocalSwarm(tiny_model_dir)
     clients: list[DistributedModelForCausalLM] = []
     try:
@@ -147,6 +150,15 @@ def test_trusting_client_routes_around_bad_servers(tiny_model_dir: Path, tmp_pat
         # A newer, better record lifts the weak server again.
         verifier.publish(weak.peer_id, 0.9, "ok")
         wait_for(lambda: usable(trusting) == {good.peer_id, weak.peer_id})
+
+        # `trustswarm reputation show --initial-peers ... --verifier ID` reads the DHT.
+        capsys.readouterr()
+        args = ["reputation", "show", "--initial-peers", *swarm.initial_peers]
+        assert main([*args, "--verifier", verifier.peer_id]) == 0
+        rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+        assert rows[cheat.peer_id][1:4] == [verifier.peer_id, "banned", "0.000"]
+        assert rows[good.peer_id][1:4] == [verifier.peer_id, "ok", "0.950"]
+        assert rows[weak.peer_id][1:4] == [verifier.peer_id, "ok", "0.900"]
     finally:
         for client in clients:
             client.close()
