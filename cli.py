@@ -8,6 +8,7 @@ import sys
 from trustswarm.models import cli as model_cli
 from trustswarm.node import cli as node_cli
 from trustswarm.reputation import cli as reputation_cli
+from trustswarm.verifier import cli as verifier_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_cli.register(sub)
     node_cli.register(sub)
     reputation_cli.register(sub)
+    verifier_cli.register(sub)
     return parser
 
 

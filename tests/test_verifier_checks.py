@@ -12,14 +12,14 @@ import torch
 
 from tests.adversary import Tamper, adversarial_server_cls
 from tests.swarm import LocalSwarm
-from tests.verifier_env import start_verifier, stop_verifier, wait_until
+from tests.verifier_env import one_torch_thread, start_verifier, stop_verifier, wait_until  # noqa: F401 - fixture
 from trustswarm.node.config import ServerConfig
 from trustswarm.protocol.evidence import DisagreementReport
 from trustswarm.verifier.challenges import ChallengeFactory
 from trustswarm.verifier.daemon import VerifierConfig
 from trustswarm.verifier.spotcheck import FRAUD, PASS, SKIPPED, CheckConfig
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 QUIET = CheckConfig(check_every=3600.0)  # the background loop stays idle; tests drive checks
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.adversary import Tamper, adversarial_server_cls
 from tests.swarm import LocalSwarm
-from tests.verifier_env import start_verifier, stop_verifier, wait_until
+from tests.verifier_env import one_torch_thread, start_verifier, stop_verifier, wait_until  # noqa: F401 - fixture
 from trustswarm.client.reports import ReportVerdict, send_report
 from trustswarm.client.rpc import SpanCall
 from trustswarm.protocol.codec import Message, decode_message, encode_message
@@ -24,13 +24,13 @@ from trustswarm.protocol.evidence import (
     SignedExchange,
 )
 from trustswarm.protocol.identity import Identity, parse_peer_id
-from trustswarm.protocol.transport import make_host, parse_peer_addr
+from trustswarm.protocol.transport import make_host, parse_peer_addr, running_host
 from trustswarm.verifier.daemon import VerifierConfig
 from trustswarm.verifier.probe import fresh_host, probe
 from trustswarm.verifier.reports import ReportConfig, evidence_report
 from trustswarm.verifier.spotcheck import CheckConfig
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 CONFIG = VerifierConfig(
     checks=CheckConfig(check_every=3600.0),  # no spot-checks: only reports change anything
@@ -68,7 +68,7 @@ def evidence_from(swarm, verifier, server, inference: bool) -> Evidence:
             parse_peer_id(server.peer_id), v.model_id, 1, 5, v.model_dir.manifest.span_digest(1, 5)
         )
         host = fresh_host()
-        async with host.run(listen_addrs=[]):
+        async with running_host(host, []):
             return await probe(host, call, server.addrs, challenge, inference, 10.0)
 
     return swarm.loop.run(run)
@@ -78,7 +78,7 @@ def report(swarm, verifier, payload, identity: Identity | None = None) -> Report
     async def run() -> ReportVerdict:
         host = make_host(identity or Identity.generate())
         try:
-            async with host.run(listen_addrs=[]):
+            async with running_host(host, []):
                 await host.connect(parse_peer_addr(verifier.addrs[0]))
                 return await send_report(host, verifier.peer_id, payload, timeout=30.0)
         except BaseExceptionGroup as group:  # the host's nurseries wrap the error

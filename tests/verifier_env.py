@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
+import torch
 import trio
 
 from tests.swarm import LOOPBACK, LocalSwarm, RunningServer
@@ -81,3 +83,13 @@ def wait_until(predicate: Callable[[], object], timeout: float, every: float = 0
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(every)
     return time.monotonic() - began
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_torch_thread():
+    """The tiny model's ops are too small to gain from threads; on a loaded 2-core
+    machine torch's thread pool makes each op 10-100x slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -32,7 +32,12 @@ from trustswarm.protocol import protocols
 from trustswarm.protocol.announcement import AnnouncementValidator
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.protocols import DHT_NAMESPACE
-from trustswarm.protocol.transport import connect_peers, make_host, parse_multiaddr
+from trustswarm.protocol.transport import (
+    connect_peers,
+    make_host,
+    parse_multiaddr,
+    running_host,
+)
 from trustswarm.reputation.gossip import follow_records, running_pubsub
 from trustswarm.reputation.publish import RecordPublisher
 from trustswarm.reputation.records import (
@@ -196,13 +201,18 @@ class Verifier:
         cfg = self.config
         _, factory, judge = await trio.to_thread.run_sync(self._load)
         self.host = make_host(self.identity, self.swarm_key)
-        async with self.host.run(listen_addrs=[parse_multiaddr(a) for a in listen]):
+        async with running_host(self.host, [parse_multiaddr(a) for a in listen]):
             self.dht = KadDHT(self.host, DHTMode.SERVER)
             self.dht.register_validator(DHT_NAMESPACE, AnnouncementValidator())
             self.dht.register_validator(REPUTATION_NAMESPACE, ReputationValidator())
             # Pubsub runs before we dial anyone (see reputation/gossip.py).
             async with background_trio_service(self.dht), running_pubsub(self.host) as pubsub:
                 self.pubsub = pubsub
+                # Gossip message ids are (peer id, seqno) and py-libp2p starts seqno at
+                # the time in seconds, +1 per message: a verifier restarted with the same
+                # identity would reuse ids its peers have seen and its records would be
+                # dropped as duplicates. Microseconds stay ahead of any earlier run.
+                pubsub.counter = max(pubsub.counter, time.time_ns() // 1000)
                 await connect_peers(self.host, self.dht, initial_peers, cfg.connect_timeout)
                 self.view = SwarmView(
                     model_id=self.model_id,

@@ -28,6 +28,7 @@ from trustswarm.client.rpc import SpanCall
 from trustswarm.client.swarm import SwarmView
 from trustswarm.protocol.announcement import Announcement
 from trustswarm.protocol.errors import RemoteError, TrustswarmError
+from trustswarm.protocol.transport import running_host
 from trustswarm.reputation.score import BANNED
 from trustswarm.reputation.store import ReputationStore
 
@@ -152,7 +153,7 @@ class SpotChecker:
             )
             try:
                 try:
-                    async with host.run(listen_addrs=[]):
+                    async with running_host(host, []):
                         evidence = await probe(
                             host, call, ann.addrs, challenge, inference, cfg.timeout, self.rng
                         )
