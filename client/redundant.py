@@ -33,6 +33,23 @@ def span_call(view: SwarmView, server: Announcement, start: int, end: int) -> Sp
     )
 
 
+def choose_replicas(
+    view: SwarmView, start: int, end: int, count: int, exclude: set[str]
+) -> list[Announcement]:
+    """Up to `count` usable servers for [start, end) not in `exclude`, avoiding the hosts
+    of the excluded (already chosen) ones, ranked by latency and reputation."""
+    taken = [view.servers[p] for p in exclude if p in view.servers]
+    return pick(
+        view.usable(tuple(exclude)),
+        start,
+        end,
+        count,
+        avoid_hosts=set().union(*(hosts_of(s) for s in taken)),
+        rtts=view.rtts,
+        penalty=view.trust.route_penalty if view.trust is not None else None,
+    )
+
+
 class RedundantSpans:
     def __init__(self, swarm: SwarmClient, k: int, max_failures: int = 8) -> None:
         self.swarm = swarm
@@ -51,15 +68,7 @@ class RedundantSpans:
             raise SwarmError(f"gave up after {self.failures} server failures; last: {exc}")
 
     def _choose(self, start: int, end: int, count: int, exclude: set[str]) -> list[Announcement]:
-        taken = [self.view.servers[p] for p in exclude if p in self.view.servers]
-        return pick(
-            self.view.usable(tuple(exclude)),
-            start,
-            end,
-            count,
-            avoid_hosts=set().union(*(hosts_of(s) for s in taken)),
-            rtts=self.view.rtts,
-        )
+        return choose_replicas(self.view, start, end, count, exclude)
 
     async def _call(
         self,

@@ -16,7 +16,8 @@ from trustswarm.protocol.errors import SwarmError
 from trustswarm.protocol.evidence import Evidence
 
 from .agreement import Answer, RedundantCall
-from .replicas import hosts_of, pick, segments
+from .redundant import choose_replicas
+from .replicas import segments
 from .routing import Hop
 from .rpc import close_quietly
 from .session import InferenceSession, _HopSession
@@ -69,15 +70,7 @@ class RedundantInferenceSession(InferenceSession):
         Servers that fail to open or replay are banned; None when none is left."""
         view = self.swarm.view
         while True:
-            taken = [view.servers[p] for p in asked if p in view.servers]
-            chosen = pick(
-                view.usable(tuple(asked)),
-                group.start,
-                group.end,
-                1,
-                avoid_hosts=set().union(*(hosts_of(s) for s in taken)),
-                rtts=view.rtts,
-            )
+            chosen = choose_replicas(view, group.start, group.end, 1, asked)
             if not chosen:
                 return None
             server = chosen[0]
