@@ -11,6 +11,8 @@ py-libp2p 0.8.1 facts this relies on (see shared/LIBP2P_NOTES.md):
   delivered or forwarded: `RecordFilter` drops malformed, forged, expired,
   other-model and replayed (older sequence than already seen) records there, so a
   node never relays them.
+* Message ids are (origin, seqno), seqnos counted from the start time in seconds:
+  `running_pubsub` counts from microseconds so a restarted node's ids are new.
 * Subscription queues hold 32 messages and drop the rest: `follow_records` drains
   the queue in its own task.
 """
@@ -18,6 +20,7 @@ py-libp2p 0.8.1 facts this relies on (see shared/LIBP2P_NOTES.md):
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -54,6 +57,10 @@ async def running_pubsub(host: IHost) -> AsyncIterator[Pubsub]:
     """
     router = make_gossipsub()
     pubsub = Pubsub(host, router, strict_signing=True)
+    # Message ids are (origin, seqno) and seqnos start at int(time.time()): a node
+    # restarted within the relays' seen-cache window (120 s) would reuse ids of its
+    # earlier messages and have its fresh publishes dropped as duplicates.
+    pubsub.counter = max(pubsub.counter, time.time_ns() // 1000)
     async with background_trio_service(pubsub), background_trio_service(router):
         await pubsub.wait_until_ready()
         yield pubsub

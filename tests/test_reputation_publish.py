@@ -19,7 +19,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
 
 from trustswarm.protocol.identity import Identity
-from trustswarm.protocol.transport import make_host
+from trustswarm.protocol.transport import make_host, running_host
 from trustswarm.reputation.gossip import RecordFilter, follow_records, running_pubsub
 from trustswarm.reputation.publish import RecordPublisher
 from trustswarm.reputation.records import (
@@ -77,7 +77,7 @@ def test_publisher_relay_subscriber(tmp_path) -> None:  # noqa: ANN001 - pytest 
 async def _node(stack: AsyncExitStack, identity: Identity):  # noqa: ANN202 - test helper
     host = make_host(identity)
     await stack.enter_async_context(
-        host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")])
+        running_host(host, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")])
     )
     pubsub = await stack.enter_async_context(running_pubsub(host))
     dht = KadDHT(host, DHTMode.SERVER)
@@ -154,3 +154,39 @@ async def _scenario(tmp_path) -> None:  # noqa: ANN001
         # The publisher's store kept the newest record per subject, for re-publishing.
         assert {r.record.subject for r in store.published(MODEL)} == set(SUBJECTS)
         store.close()
+
+
+def test_restarted_publisher_is_heard() -> None:
+    """A verifier restarted at once (same identity) must not reuse gossip message ids
+    of its previous run: the subscriber would drop its fresh records as duplicates."""
+    trio.run(_restart_scenario)
+
+
+async def _restart_scenario() -> None:
+    topic = REPUTATION_TOPIC(MODEL)
+    received: list[SignedReputationRecord] = []
+    async with AsyncExitStack() as stack:
+        subscriber = await _node(stack, Identity.generate())
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+        await nursery.start(follow_records, subscriber[1], MODEL, received.append)
+        with trio.fail_after(30):
+            # Message ids of the first run: (verifier, start second + 1..8); the second
+            # run starts a few seconds later and would count from there again.
+            for batch in (range(1, 9), [9]):
+                async with AsyncExitStack() as run:
+                    publisher = await _node(run, VERIFIER)
+                    await _link(publisher, subscriber)
+                    await publisher[1].wait_for_subscription(
+                        subscriber[0].get_id(), topic, timeout=10
+                    )
+                    out = RecordPublisher(publisher[0], None, publisher[1], VERIFIER)
+                    await out.publish([record(sequence) for sequence in batch])
+                    while len(received) < batch[-1]:
+                        await trio.sleep(0.05)
+                # In-process, py-libp2p leaves the old connection open on the subscriber's
+                # side; a killed process would drop it. Drop it, as the kernel would.
+                await subscriber[0].disconnect(VERIFIER.peer_id)
+                while VERIFIER.peer_id in subscriber[1].peers:
+                    await trio.sleep(0.05)
+    assert [r.record.sequence for r in received] == list(range(1, 10))
