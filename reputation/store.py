@@ -161,7 +161,7 @@ class ReputationStore:
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             Base.metadata.create_all(self.engine)
-        except (ArgumentError, SQLAlchemyError, OSError) as exc:
+        except (ArgumentError, SQLAlchemyError, OSError, ImportError) as exc:
             raise ReputationError(f"cannot open reputation database {url!r}: {exc}") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.Lock()

@@ -109,3 +109,11 @@ def test_bad_arguments(args: tuple[str, ...], capsys: pytest.CaptureFixture[str]
     code, _, err = run_here(capsys, *args)
     assert code == 2
     assert err.startswith("error:")
+
+
+def test_unusable_databases(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_text("this is not SQLite\n" * 100)
+    for url in (str(not_a_db), "postgresql://nobody@127.0.0.1:1/none"):
+        code, _, err = run_here(capsys, "--db", url)
+        assert code == 2 and err.startswith("error: cannot open reputation database")
