@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import trio
 from torch import nn
 
 from trustswarm.models.store import ModelDir
+from trustswarm.protocol.evidence import DisagreementReport
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.transport import make_host
 
@@ -19,6 +20,8 @@ from .autograd import RemoteBlocks
 from .generation import generate as _generate
 from .loop import BackgroundLoop
 from .ptune import PromptedSession, SoftPrompt, check_tuning_options
+from .redundant_session import RedundantInferenceSession
+from .reference import LocalReference
 from .sequential import RemotePasses
 from .session import InferenceSession
 from .swarm import SwarmClient, SwarmView
@@ -31,6 +34,12 @@ log = logging.getLogger("trustswarm.client")
 class CausalLMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
+
+
+def check_redundancy(redundancy: int) -> int:
+    if isinstance(redundancy, bool) or not isinstance(redundancy, int) or redundancy < 1:
+        raise ValueError(f"redundancy must be an integer >= 1, got {redundancy!r}")
+    return redundancy
 
 
 def default_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -55,8 +64,11 @@ class DistributedModelForCausalLM(nn.Module):
         *,
         tuning_mode: str | None = None,
         pre_seq_len: int | None = None,
+        redundancy: int = 1,
+        local_reference: bool = False,
     ) -> None:
         super().__init__()
+        check_redundancy(redundancy)
         prompt_len = check_tuning_options(tuning_mode, pre_seq_len)
         parts = model_dir.load_client_parts(dtype)
         self.model_dir = model_dir
@@ -66,7 +78,9 @@ class DistributedModelForCausalLM(nn.Module):
         self.lm_head = parts.lm_head
         self._loop = loop
         self.swarm = swarm
-        self.passes = RemotePasses(swarm)
+        self.redundancy = redundancy
+        self.reference = LocalReference(model_dir) if local_reference else None
+        self.passes = RemotePasses(swarm, redundancy=redundancy, reference=self.reference)
         self.num_blocks = model_dir.num_blocks
         # Prompt tuning: the only trainable parameters (client parts are frozen).
         self.soft_prompt = SoftPrompt(prompt_len, self.embed_tokens) if prompt_len else None
@@ -86,8 +100,21 @@ class DistributedModelForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         tuning_mode: str | None = None,
         pre_seq_len: int | None = None,
+        redundancy: int = 1,
+        on_disagreement: Callable[[DisagreementReport], None] | None = None,
+        local_reference: bool = False,
     ) -> DistributedModelForCausalLM:
+        """Join the swarm at `initial_peers` and run `model_dir`'s model through it.
+
+        redundancy=k: every span of blocks is computed by k servers with distinct
+        identities (on distinct hosts when possible) and their answers are compared;
+        the client goes on with the value a majority agrees on. Disagreements are
+        kept in `trust_events` and passed to `on_disagreement`; outvoted servers are
+        not used again by this client. local_reference=True: when replicas do not
+        settle a dispute, recompute it with this directory's own block weights.
+        """
         check_tuning_options(tuning_mode, pre_seq_len)  # before anything starts
+        check_redundancy(redundancy)
         directory = ModelDir.open(model_dir)
         if not initial_peers:
             raise ValueError("initial_peers must name at least one peer of the swarm")
@@ -99,6 +126,7 @@ class DistributedModelForCausalLM(nn.Module):
             span_digest=directory.manifest.span_digest,
             request_timeout=request_timeout,
             trust=trust,
+            on_disagreement=on_disagreement,
         )
         swarm = SwarmClient(
             make_host(identity, swarm_key), view, initial_peers, connect_timeout=connect_timeout
@@ -111,7 +139,14 @@ class DistributedModelForCausalLM(nn.Module):
         loop.start(setup)
         try:
             return cls(
-                directory, loop, swarm, dtype, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len
+                directory,
+                loop,
+                swarm,
+                dtype,
+                tuning_mode=tuning_mode,
+                pre_seq_len=pre_seq_len,
+                redundancy=redundancy,
+                local_reference=local_reference,
             )
         except BaseException:
             loop.close()
@@ -174,12 +209,24 @@ class DistributedModelForCausalLM(nn.Module):
 
     # -- inference ------------------------------------------------------------------
 
+    @property
+    def trust_events(self) -> list[DisagreementReport]:
+        """Disagreements between replicas seen so far, with their signed evidence."""
+        return self.swarm.view.trust_events
+
     def inference_session(
-        self, max_length: int, batch_size: int = 1
+        self, max_length: int, batch_size: int = 1, redundancy: int | None = None
     ) -> SyncInferenceSession | PromptedSession:
-        """With a soft prompt, the session prefills it first (max_length excludes it)."""
+        """With a soft prompt, the session prefills it first (max_length excludes it).
+        `redundancy` overrides the model's for this session."""
         extra = self.soft_prompt.length if self.soft_prompt is not None else 0
-        session = InferenceSession(self.swarm, 0, self.num_blocks, max_length + extra, batch_size)
+        k = self.redundancy if redundancy is None else check_redundancy(redundancy)
+        args = (self.swarm, 0, self.num_blocks, max_length + extra, batch_size)
+        session = (
+            InferenceSession(*args)
+            if k == 1
+            else RedundantInferenceSession(*args, redundancy=k, reference=self.reference)
+        )
         self.run_async(session.open)
         sync = SyncInferenceSession(self, session)
         return sync if self.soft_prompt is None else self.soft_prompt.wrap_session(sync)

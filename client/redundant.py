@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from libp2p.custom_types import TProtocol
@@ -14,6 +16,7 @@ from trustswarm.protocol.errors import SwarmError
 from trustswarm.protocol.evidence import Evidence
 
 from .agreement import Answer, RedundantCall
+from .reference import LocalReference
 from .replicas import hosts_of, pick, segments
 from .routing import Hop
 from .rpc import SpanCall, call_span
@@ -51,11 +54,18 @@ def choose_replicas(
 
 
 class RedundantSpans:
-    def __init__(self, swarm: SwarmClient, k: int, max_failures: int = 8) -> None:
+    def __init__(
+        self,
+        swarm: SwarmClient,
+        k: int,
+        max_failures: int = 8,
+        reference: LocalReference | None = None,
+    ) -> None:
         self.swarm = swarm
         self.k = k
         self.max_failures = max_failures
         self.failures = 0
+        self.reference = reference
 
     @property
     def view(self) -> SwarmView:
@@ -79,7 +89,8 @@ class RedundantSpans:
         tensors: dict[str, torch.Tensor | None],
         answer_name: str,
         expected_shape: torch.Size,
-    ) -> tuple[torch.Tensor, list[Announcement]]:
+        local: Callable[[], Awaitable[torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, Announcement]:
         async def ask(server: Announcement) -> Answer:
             call = span_call(self.view, server, start, end)
             await self.swarm.ensure_connected(call.peer_id)
@@ -111,9 +122,10 @@ class RedundantSpans:
             spare=spare,
             fail=self._fail,
             report=self.view.report_disagreement,
+            local=local if self.reference is not None and self.reference.has(start, end) else None,
         )
         outcome = await call.run(self._choose(start, end, self.k, set()))
-        return outcome.output, outcome.kept
+        return outcome.output, (outcome.kept or outcome.dropped)[0]
 
     async def forward(
         self,
@@ -125,7 +137,7 @@ class RedundantSpans:
     ) -> tuple[torch.Tensor, list[HopResult]]:
         results: list[HopResult] = []
         for a, b in segments(self.view.usable(), start, end, self.k):
-            output, kept = await self._call(
+            output, server = await self._call(
                 "forward",
                 protocols.FORWARD,
                 a,
@@ -133,8 +145,9 @@ class RedundantSpans:
                 {"hidden_states": hidden, "position_ids": positions, "attention_mask": mask},
                 "hidden_states",
                 hidden.shape,
+                partial(self._local_forward, a, b, hidden, positions, mask),
             )
-            results.append(HopResult(Hop(kept[0], a, b), hidden, output))
+            results.append(HopResult(Hop(server, a, b), hidden, output))
             hidden = output
         return hidden, results
 
@@ -159,5 +172,20 @@ class RedundantSpans:
                 },
                 "grad_inputs",
                 grad.shape,
+                partial(
+                    self._local_backward,
+                    result.hop.start,
+                    result.hop.end,
+                    result.inputs,
+                    grad,
+                    positions,
+                    mask,
+                ),
             )
         return grad
+
+    async def _local_forward(self, *args: object) -> torch.Tensor:
+        return await self.reference.forward(*args)
+
+    async def _local_backward(self, *args: object) -> torch.Tensor:
+        return await self.reference.backward(*args)

@@ -17,6 +17,7 @@ from trustswarm.protocol.evidence import Evidence
 
 from .agreement import Answer, RedundantCall
 from .redundant import choose_replicas
+from .reference import LocalReference
 from .replicas import segments
 from .routing import Hop
 from .rpc import close_quietly
@@ -41,6 +42,7 @@ class _ReplicaGroup:
 @dataclass
 class RedundantInferenceSession(InferenceSession):
     redundancy: int = 2
+    reference: LocalReference | None = None  # the client's own blocks, the tie-breaker
     groups: list[_ReplicaGroup] = field(default_factory=list)
 
     async def open(self) -> None:
@@ -114,6 +116,15 @@ class RedundantInferenceSession(InferenceSession):
         async def spare(asked: set[str]) -> _HopSession | None:
             return await self._spare(group, past_mask, asked)
 
+        async def local() -> torch.Tensor:
+            inputs, past = group.inputs, group.positions
+            full = hidden if inputs is None else torch.cat([inputs, hidden], dim=1)
+            full_positions = positions if past is None else torch.cat([past, positions], dim=1)
+            output = await self.reference.forward(
+                group.start, group.end, full, full_positions, mask
+            )
+            return output[:, -hidden.shape[1] :]
+
         def fail(replica: _HopSession, exc: Exception) -> None:
             self._fail(replica.peer, f"step failed: {type(exc).__name__}: {exc}")
 
@@ -128,6 +139,9 @@ class RedundantInferenceSession(InferenceSession):
             spare=spare,
             fail=fail,
             report=self.swarm.view.report_disagreement,
+            local=local
+            if self.reference is not None and self.reference.has(group.start, group.end)
+            else None,
         )
         outcome = await call.run(list(group.replicas))
         for replica in outcome.dropped:

@@ -19,7 +19,7 @@ class Hop:
     end: int
 
 
-def _seconds_per_token(ann: Announcement, start: int, end: int) -> float:
+def seconds_per_token(ann: Announcement, start: int, end: int) -> float:
     span_blocks = max(1, ann.end - ann.start)
     throughput = ann.throughput if ann.throughput > 0 else 1.0
     return (end - start) / span_blocks / throughput
@@ -55,7 +55,7 @@ def latency_route(
                     + rtts.get(ann.peer_id, DEFAULT_RTT)
                     + HOP_OVERHEAD
                     + penalties.get(ann.peer_id, 0.0)
-                    + _seconds_per_token(ann, a, b)
+                    + seconds_per_token(ann, a, b)
                 )
                 if b not in best or cost < best[b][0]:
                     best[b] = (cost, [*hops_a, Hop(ann, a, b)])

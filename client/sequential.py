@@ -11,6 +11,7 @@ from trustswarm.protocol import protocols
 from trustswarm.protocol.errors import SwarmError
 
 from .redundant import HopResult, RedundantSpans, span_call
+from .reference import LocalReference
 from .routing import Hop
 from .rpc import SpanCall, call_span
 from .swarm import SwarmClient
@@ -22,12 +23,22 @@ class RemotePasses:
     """Forward and backward through the swarm; with redundancy k > 1 every span is
     computed by k distinct servers and their answers are compared (RedundantSpans)."""
 
-    def __init__(self, swarm: SwarmClient, max_failures: int = 8, redundancy: int = 1) -> None:
+    def __init__(
+        self,
+        swarm: SwarmClient,
+        max_failures: int = 8,
+        redundancy: int = 1,
+        reference: LocalReference | None = None,
+    ) -> None:
         if redundancy < 1:
             raise ValueError("redundancy must be at least 1")
         self.swarm = swarm
         self.max_failures = max_failures
         self.redundancy = redundancy
+        self.reference = reference
+
+    def _redundant(self) -> RedundantSpans:
+        return RedundantSpans(self.swarm, self.redundancy, self.max_failures, self.reference)
 
     def _call(self, hop: Hop) -> SpanCall:
         return span_call(self.swarm.view, hop.server, hop.start, hop.end)
@@ -43,9 +54,7 @@ class RemotePasses:
         """Run blocks [start, end); on a failure, reroute the rest from that block."""
         hidden = hidden.float().contiguous()
         if self.redundancy > 1:
-            return await RedundantSpans(self.swarm, self.redundancy, self.max_failures).forward(
-                hidden, positions, mask, start, end
-            )
+            return await self._redundant().forward(hidden, positions, mask, start, end)
         results: list[HopResult] = []
         failures = 0
         block = start
@@ -87,8 +96,7 @@ class RemotePasses:
         """Gradients w.r.t. the inputs, hop by hop in reverse."""
         grad = grad.float().contiguous()
         if self.redundancy > 1:
-            spans = RedundantSpans(self.swarm, self.redundancy, self.max_failures)
-            return await spans.backward(results, grad, positions, mask)
+            return await self._redundant().backward(results, grad, positions, mask)
         for result in reversed(results):
             grad = await self._backward_hop(result, grad, positions, mask)
         return grad

@@ -23,10 +23,11 @@ from trustswarm.protocol.announcement import (
     providers_key,
 )
 from trustswarm.protocol.errors import SwarmError
+from trustswarm.protocol.evidence import DisagreementReport
 from trustswarm.protocol.identity import parse_peer_id
 from trustswarm.protocol.info import call_info
 from trustswarm.protocol.protocols import DHT_NAMESPACE
-from trustswarm.protocol.transport import connect_peers, parse_peer_addr
+from trustswarm.protocol.transport import connect_peers, parse_peer_addr, running_host
 from trustswarm.reputation.gossip import record_relay
 from trustswarm.reputation.records import REPUTATION_NAMESPACE, ReputationValidator
 
@@ -58,6 +59,26 @@ class SwarmView:
     banned_for_session: set[str] = field(default_factory=set)
     # Reputation from trusted verifiers (None: no verifiers configured, no filtering).
     trust: TrustView | None = None
+    # Disagreements seen by redundant calls, oldest first, with their evidence.
+    trust_events: list[DisagreementReport] = field(default_factory=list)
+    on_disagreement: Callable[[DisagreementReport], None] | None = None
+
+    def report_disagreement(self, report: DisagreementReport) -> None:
+        """Ban the servers whose answers lost for the rest of this client's routing."""
+        self.trust_events.append(report)
+        for peer in report.minority:
+            self.banned_for_session.add(peer)
+            log.warning(
+                "server %s disagreed with the majority on blocks %d:%d; not using it again",
+                peer,
+                report.start,
+                report.end,
+            )
+        if self.on_disagreement is not None:
+            try:
+                self.on_disagreement(report)
+            except Exception:
+                log.exception("on_disagreement callback failed")
 
     def consider(self, signed: SignedAnnouncement) -> bool:
         """Accept a verified, unexpired announcement for our model with the right weights."""
@@ -135,7 +156,7 @@ class SwarmClient:
         """Join the swarm, learn its servers, then refresh periodically until cancelled."""
         from libp2p.tools.anyio_service import background_trio_service
 
-        async with self.host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        async with running_host(self.host, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
             self.dht = KadDHT(self.host, DHTMode.CLIENT)
             self.dht.register_validator(DHT_NAMESPACE, AnnouncementValidator())
             self.dht.register_validator(REPUTATION_NAMESPACE, ReputationValidator())
@@ -178,14 +199,20 @@ class SwarmClient:
                         candidates.setdefault(str(info.peer_id), list(info.addrs))
                 except Exception as exc:
                     log.debug("DHT provider lookup failed: %s", exc)
+        unreachable: set[str] = set()
         async with trio.open_nursery() as nursery:
             for peer, addrs in candidates.items():
-                nursery.start_soon(self._ask, peer, addrs)
+                nursery.start_soon(self._ask, peer, addrs, unreachable)
         # Announcements learned second-hand whose servers we have not contacted yet.
         fresh = {p: a for p, a in self.view.servers.items() if p not in candidates}
         async with trio.open_nursery() as nursery:
             for peer, ann in fresh.items():
-                nursery.start_soon(self._ask, peer, [multiaddr.Multiaddr(a) for a in ann.addrs])
+                addrs = [multiaddr.Multiaddr(a) for a in ann.addrs]
+                nursery.start_soon(self._ask, peer, addrs, unreachable)
+        # Other servers' stores still hold the announcements of servers that just
+        # died; what we could not reach ourselves stays out until it answers again.
+        for peer in unreachable:
+            self.view.servers.pop(peer, None)
         if self.view.trust is not None and self.dht is not None:
             # Records missed on gossip (joined late, dropped bursts) are in the DHT.
             with trio.move_on_after(self.connect_timeout):
@@ -193,7 +220,9 @@ class SwarmClient:
                     list(self.view.servers), self.view.model_id
                 )
 
-    async def _ask(self, peer: str, addrs: list[multiaddr.Multiaddr]) -> None:
+    async def _ask(
+        self, peer: str, addrs: list[multiaddr.Multiaddr], unreachable: set[str]
+    ) -> None:
         try:
             peer_id = parse_peer_id(peer)
             if peer_id == self.host.get_id():
@@ -203,7 +232,7 @@ class SwarmClient:
             info = await call_info(self.host, peer_id, self.connect_timeout)
         except Exception as exc:
             log.debug("server %s did not answer info: %s", peer, exc)
-            self.view.servers.pop(peer, None)
+            unreachable.add(peer)
             return
         self.view.rtts[peer] = info.rtt
         self.view.consider(info.announcement)

@@ -32,6 +32,7 @@ from trustswarm.protocol.transport import (
     make_host,
     parse_multiaddr,
     parse_peer_addr,
+    running_host,
 )
 from trustswarm.reputation.gossip import record_relay
 from trustswarm.reputation.records import REPUTATION_NAMESPACE, ReputationValidator
@@ -165,7 +166,7 @@ class BlockServer:
         """Run until cancelled. Reports the full multiaddrs through task_status."""
         self.host = make_host(self.identity, self.swarm_key, self.announce_addrs)
         addrs = [parse_multiaddr(a) for a in listen]
-        async with self.host.run(listen_addrs=addrs):
+        async with running_host(self.host, addrs):
             self.dht = KadDHT(self.host, DHTMode.SERVER)
             self.dht.register_validator(DHT_NAMESPACE, AnnouncementValidator())
             self.dht.register_validator(REPUTATION_NAMESPACE, ReputationValidator())

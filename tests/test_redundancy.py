@@ -235,3 +235,23 @@ def test_replicas_prefer_distinct_hosts(tiny_model_dir):
             assert other.peer_id in peers
     finally:
         swarm.close()
+
+
+def test_local_reference_settles_a_tie(tiny_model_dir, local_model, reference_hidden):
+    swarm = LocalSwarm(tiny_model_dir)
+    try:
+        adversary = swarm.start_server(
+            FULL, server_cls=adversarial_server_cls(Tamper("noise", 0.05))
+        )
+        swarm.start_server(FULL)
+        with _client(swarm, tiny_model_dir, 2, local_reference=True) as model:
+            torch.testing.assert_close(_remote_hidden(model), reference_hidden, atol=1e-4, rtol=0)
+            report = model.trust_events[0]
+            assert report.resolution == "local" and report.minority == (adversary.peer_id,)
+        with _client(swarm, tiny_model_dir, 2, local_reference=True) as model:
+            assert model.generate(PROMPT, max_new_tokens=4).tolist() == _honest_tokens(
+                local_model, 4
+            )
+            assert {e.resolution for e in model.trust_events} == {"local"}
+    finally:
+        swarm.close()
