@@ -36,6 +36,7 @@ class Tamper:
     fraction: float = 1.0  # share of answers tampered (output kinds)
     peers: Literal["all", "new", "seen"] = "all"  # new: first contact only; seen: known peers only
     bits: int = 4  # quantized: bits per weight, symmetric, groups of 32
+    only: str | None = None  # output kinds: tamper only answers of this kind ("backward", ...)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,7 +91,7 @@ class TamperingContext(ServingContext):
         step: int = 0,
     ) -> Message:
         honest = output
-        if self._chosen(peer):
+        if (self.tamper.only in (None, kind)) and self._chosen(peer):
             output = self._tampered(output)
             self.tampered += 1
         self.previous[tuple(honest.shape)] = honest.detach().clone()

@@ -255,3 +255,24 @@ def test_local_reference_settles_a_tie(tiny_model_dir, local_model, reference_hi
             assert {e.resolution for e in model.trust_events} == {"local"}
     finally:
         swarm.close()
+
+
+def test_backward_with_redundancy_outvotes_tampered_gradients(
+    honest_swarm, tiny_model_dir, local_model
+):
+    tamper = Tamper("scale", amount=0.05, only="backward")
+    adversary = honest_swarm.start_server(FULL, server_cls=adversarial_server_cls(tamper, 100.0))
+    try:
+        with _client(honest_swarm, tiny_model_dir, 3) as model:
+            _prefer(model, adversary.peer_id)
+            embeds = model.get_input_embeddings()(PROMPT).detach().requires_grad_(True)
+            model(inputs_embeds=embeds, labels=PROMPT).loss.backward()
+            local_embeds = local_model.get_input_embeddings()(PROMPT).detach()
+            local_embeds.requires_grad_(True)
+            local_model(inputs_embeds=local_embeds, labels=PROMPT).loss.backward()
+            scale = local_embeds.grad.abs().max()
+            torch.testing.assert_close(embeds.grad, local_embeds.grad, atol=1e-4 * scale, rtol=0)
+            kinds = {e.kind for e in model.trust_events if adversary.peer_id in e.minority}
+            assert kinds == {"backward"}
+    finally:
+        honest_swarm.kill(adversary)
