@@ -50,13 +50,23 @@ class LocalSwarm:
         self.loop.start(setup)
 
     def start_server(
-        self, span: tuple[int, int] | None, *, dtype: torch.dtype = torch.float32,
-        config: ServerConfig | None = None, server_cls: type[BlockServer] = BlockServer,
-        span_length: int | None = None, listen: str = LOOPBACK, **kwargs: object,
+        self,
+        span: tuple[int, int] | None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        config: ServerConfig | None = None,
+        server_cls: type[BlockServer] = BlockServer,
+        span_length: int | None = None,
+        listen: str = LOOPBACK,
+        **kwargs: object,
     ) -> RunningServer:
         server = server_cls(
-            identity=Identity.generate(), model_dir=self.model_dir,
-            config=config or ServerConfig(), span=span, span_length=span_length, dtype=dtype,
+            identity=Identity.generate(),
+            model_dir=self.model_dir,
+            config=config or ServerConfig(),
+            span=span,
+            span_length=span_length,
+            dtype=dtype,
             **kwargs,
         )
         initial = self.initial_peers

@@ -73,8 +73,15 @@ def test_server_over_its_session_limit_answers_busy_and_client_uses_another(tiny
         small = swarm.start_server((0, 6), config=ServerConfig(max_sessions=1))
         big = swarm.start_server((0, 6))
 
-        opening = Message(meta={"start": "0", "end": "6", "session_id": "s" * 16,
-                                "max_length": "8", "batch_size": "1"})
+        opening = Message(
+            meta={
+                "start": "0",
+                "end": "6",
+                "session_id": "s" * 16,
+                "max_length": "8",
+                "batch_size": "1",
+            }
+        )
         first, second = raw_exchange(swarm, small, protocols.INFERENCE, [opening, opening])
         assert "opened" in first
         assert second["error"] == "busy"
@@ -91,8 +98,15 @@ def test_oversized_session_request_is_refused_clearly(tiny_model_dir):
     try:
         server = swarm.start_server((0, 6), config=ServerConfig(max_session_tokens=16))
 
-        opening = Message(meta={"start": "0", "end": "6", "session_id": "s" * 16,
-                                "max_length": "4096", "batch_size": "1"})
+        opening = Message(
+            meta={
+                "start": "0",
+                "end": "6",
+                "session_id": "s" * 16,
+                "max_length": "4096",
+                "batch_size": "1",
+            }
+        )
         (meta,) = raw_exchange(swarm, server, protocols.INFERENCE, [opening])
         assert meta["error"] == "too_large" and "max_length" in meta["message"]
     finally:

@@ -20,9 +20,25 @@ PY = [sys.executable, "-m", "trustswarm"]
 
 def start(model: Path, key: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [*PY, "node", "start", "--model", str(model), "--identity", str(key),
-         "--listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1", "--log-level", "WARNING", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            *PY,
+            "node",
+            "start",
+            "--model",
+            str(model),
+            "--identity",
+            str(key),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--threads",
+            "1",
+            "--log-level",
+            "WARNING",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     line = proc.stdout.readline().strip()
     if not line.startswith("/ip4/127.0.0.1/tcp/"):
@@ -36,7 +52,9 @@ def stop(proc: subprocess.Popen) -> int:
     return proc.wait(timeout=20)
 
 
-def test_node_prints_multiaddr_keeps_peer_id_and_stops_cleanly(tiny_model_dir: Path, tmp_path: Path):
+def test_node_prints_multiaddr_keeps_peer_id_and_stops_cleanly(
+    tiny_model_dir: Path, tmp_path: Path
+):
     key = tmp_path / "node.key"
     proc, addr = start(tiny_model_dir, key, "--blocks", "0:6", "--new-swarm")
     assert "/p2p/12D3Koo" in addr
@@ -51,8 +69,9 @@ def test_node_prints_multiaddr_keeps_peer_id_and_stops_cleanly(tiny_model_dir: P
 def test_block_selection_fills_the_gap(tiny_model_dir: Path, tmp_path: Path):
     first, addr = start(tiny_model_dir, tmp_path / "a.key", "--blocks", "0:3", "--new-swarm")
     try:
-        second, _ = start(tiny_model_dir, tmp_path / "b.key", "--num-blocks", "3",
-                          "--initial-peers", addr)
+        second, _ = start(
+            tiny_model_dir, tmp_path / "b.key", "--num-blocks", "3", "--initial-peers", addr
+        )
         try:
             ids = torch.randint(3, 512, (1, 4), generator=torch.Generator().manual_seed(1))
             with DistributedModelForCausalLM.from_pretrained(tiny_model_dir, [addr]) as model:
@@ -69,8 +88,15 @@ def test_private_swarm_refuses_wrong_key_quickly(tiny_model_dir: Path, tmp_path:
     good, bad = tmp_path / "good.key", tmp_path / "bad.key"
     good.write_text("ab" * 32 + "\n")
     bad.write_text("cd" * 32 + "\n")
-    proc, addr = start(tiny_model_dir, tmp_path / "n.key", "--blocks", "0:6", "--new-swarm",
-                       "--swarm-key", str(good))
+    proc, addr = start(
+        tiny_model_dir,
+        tmp_path / "n.key",
+        "--blocks",
+        "0:6",
+        "--new-swarm",
+        "--swarm-key",
+        str(good),
+    )
     try:
         with DistributedModelForCausalLM.from_pretrained(
             tiny_model_dir, [addr], swarm_key=("ab" * 32)
@@ -103,8 +129,19 @@ def test_private_swarm_refuses_wrong_key_quickly(tiny_model_dir: Path, tmp_path:
 )
 def test_bad_flags_get_clear_errors(tiny_model_dir: Path, tmp_path: Path, args, message):
     result = subprocess.run(
-        [*PY, "node", "start", "--model", str(tiny_model_dir), "--identity",
-         str(tmp_path / "k.key"), *args], capture_output=True, text=True, timeout=60,
+        [
+            *PY,
+            "node",
+            "start",
+            "--model",
+            str(tiny_model_dir),
+            "--identity",
+            str(tmp_path / "k.key"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0
     assert message in result.stderr
@@ -132,11 +169,30 @@ def test_announce_addr_routes_clients_through_the_announced_relay(
         with RelayThread([("127.0.0.1", port(addr_a)), ("127.0.0.1", b_port)], 0.01) as relays:
             relay_a, relay_b = (f"/ip4/127.0.0.1/tcp/{p}" for p in relays.ports)
             second = subprocess.Popen(
-                [*PY, "node", "start", "--model", str(tiny_model_dir), "--identity",
-                 str(tmp_path / "b.key"), "--listen", f"/ip4/127.0.0.1/tcp/{b_port}",
-                 "--announce-addr", relay_b, "--threads", "1", "--log-level", "WARNING",
-                 "--blocks", "3:6", "--initial-peers", addr_a],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                [
+                    *PY,
+                    "node",
+                    "start",
+                    "--model",
+                    str(tiny_model_dir),
+                    "--identity",
+                    str(tmp_path / "b.key"),
+                    "--listen",
+                    f"/ip4/127.0.0.1/tcp/{b_port}",
+                    "--announce-addr",
+                    relay_b,
+                    "--threads",
+                    "1",
+                    "--log-level",
+                    "WARNING",
+                    "--blocks",
+                    "3:6",
+                    "--initial-peers",
+                    addr_a,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             procs.append(second)
             assert second.stdout.readline().startswith(f"/ip4/127.0.0.1/tcp/{b_port}/p2p/")

@@ -24,7 +24,9 @@ def test_swarm_greedy_chat_answer_equals_local(real_model_dir: Path, real_hf_mod
     try:
         for span in [(0, 10), (10, 20), (20, 30)]:
             swarm.start_server(span)
-        with DistributedModelForCausalLM.from_pretrained(real_model_dir, swarm.initial_peers) as model:
+        with DistributedModelForCausalLM.from_pretrained(
+            real_model_dir, swarm.initial_peers
+        ) as model:
             remote = model.generate(ids, max_new_tokens=24, do_sample=False)
     finally:
         swarm.close()

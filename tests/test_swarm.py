@@ -33,7 +33,9 @@ def client(swarm: LocalSwarm, tiny_model_dir: Path):
 
 @pytest.fixture(scope="module")
 def local_model(tiny_model_dir: Path):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir.parent / "hf", dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir.parent / "hf", dtype=torch.float32
+    ).eval()
 
 
 def test_client_discovers_all_servers(client: DistributedModelForCausalLM, swarm: LocalSwarm):
@@ -61,8 +63,9 @@ def test_logits_with_padding_and_inputs_embeds(client, local_model):
 def test_greedy_generate_equals_local(client, local_model):
     ids = torch.randint(3, 512, (1, 5), generator=torch.Generator().manual_seed(3))
     remote = client.generate(ids, max_new_tokens=12, do_sample=False)
-    local = local_model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)
+    local = local_model.generate(
+        ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     assert remote.tolist() == local.tolist()
 
 
@@ -71,8 +74,14 @@ def test_batched_generate_with_left_padding_equals_local(client, local_model):
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     ids = ids.masked_fill(mask == 0, 0)
     remote = client.generate(ids, attention_mask=mask, max_new_tokens=8)
-    local = local_model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
+    local = local_model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     assert remote.tolist() == local.tolist()
 
 
