@@ -53,6 +53,17 @@ def choose_replicas(
     )
 
 
+def backward_request(
+    inputs: torch.Tensor, grad: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
+) -> dict[str, torch.Tensor | None]:
+    return {
+        "hidden_states": inputs,
+        "grad_outputs": grad,
+        "position_ids": positions,
+        "attention_mask": mask,
+    }
+
+
 class RedundantSpans:
     def __init__(
         self,
@@ -164,12 +175,7 @@ class RedundantSpans:
                 protocols.BACKWARD,
                 result.hop.start,
                 result.hop.end,
-                {
-                    "hidden_states": result.inputs,
-                    "grad_outputs": grad,
-                    "position_ids": positions,
-                    "attention_mask": mask,
-                },
+                backward_request(result.inputs, grad, positions, mask),
                 "grad_inputs",
                 grad.shape,
                 partial(

@@ -92,9 +92,7 @@ class RedundantInferenceSession(InferenceSession):
         self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         tokens = hidden.shape[1]
-        if self.length + tokens > self.max_length:
-            raise SwarmError(f"session max_length {self.max_length} exceeded")
-        hidden = hidden.float().contiguous()
+        hidden = self._admit(hidden)
         past_mask = mask[:, : self.length]
         for group in self.groups:
             hidden = await self._step_group(group, hidden, positions, mask, past_mask)

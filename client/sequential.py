@@ -10,7 +10,7 @@ from libp2p.peer.id import ID
 from trustswarm.protocol import protocols
 from trustswarm.protocol.errors import SwarmError
 
-from .redundant import HopResult, RedundantSpans, span_call
+from .redundant import HopResult, RedundantSpans, backward_request, span_call
 from .reference import LocalReference
 from .routing import Hop
 from .rpc import SpanCall, call_span
@@ -120,12 +120,7 @@ class RemotePasses:
                     call,
                     protocols.BACKWARD,
                     "backward",
-                    {
-                        "hidden_states": result.inputs,
-                        "grad_outputs": grad,
-                        "position_ids": positions,
-                        "attention_mask": mask,
-                    },
+                    backward_request(result.inputs, grad, positions, mask),
                     "grad_inputs",
                     self.swarm.view.request_timeout,
                 )

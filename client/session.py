@@ -153,14 +153,18 @@ class InferenceSession:
         hop.step += 1
         return output.float()
 
+    def _admit(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Check that new tokens fit in the session; float32, contiguous."""
+        if self.length + hidden.shape[1] > self.max_length:
+            raise SwarmError(f"session max_length {self.max_length} exceeded")
+        return hidden.float().contiguous()
+
     async def step(
         self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """Run new tokens through all blocks. `mask` covers past and new tokens."""
         tokens = hidden.shape[1]
-        if self.length + tokens > self.max_length:
-            raise SwarmError(f"session max_length {self.max_length} exceeded")
-        hidden = hidden.float().contiguous()
+        hidden = self._admit(hidden)
         i = 0
         while i < len(self.hops):
             hop = self.hops[i]
