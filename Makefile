@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench bench-training clean
+.PHONY: setup demo test lint bench bench-training bench-table clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ bench: setup
 
 bench-training: setup
 	$(PY) bench/training.py
+
+# The performance table (issue 6): bench/results/table.md + table.png, ~15 min.
+# BENCH_ARGS=--quick for a smoke run (writes table.quick.*).
+bench-table: setup
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) bench/table.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -225,9 +225,13 @@ class RelayProcess:
         targets: Sequence[tuple[str, int]],
         delay_s: float,
         bytes_per_s: float | None = None,
+        listen_ports: Sequence[int] | None = None,
     ) -> None:
-        for host, port in targets:  # validate here, with a clear error, not in the child
-            Relay(host, port, delay_s, bytes_per_s)
+        self.listen_ports = list(listen_ports or [0] * len(targets))
+        if len(self.listen_ports) != len(targets):
+            raise RelayError("one listen port per target")
+        for (host, port), listen in zip(targets, self.listen_ports, strict=True):
+            Relay(host, port, delay_s, bytes_per_s, listen)  # validate here, not in the child
         self.targets = list(targets)
         self.delay_s = delay_s
         self.bytes_per_s = bytes_per_s
@@ -239,7 +243,10 @@ class RelayProcess:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--delay-ms", str(self.delay_s * 1e3)]
         if self.bytes_per_s:
             cmd += ["--bytes-per-s", str(self.bytes_per_s)]
-        cmd += [f"0:{host}:{port}" for host, port in self.targets]
+        cmd += [
+            f"{listen}:{host}:{port}"
+            for (host, port), listen in zip(self.targets, self.listen_ports, strict=True)
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         for _ in self.targets:
             line = self.proc.stdout.readline().split()
