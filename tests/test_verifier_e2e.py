@@ -20,6 +20,7 @@ from tests.adversary import Tamper, adversarial_server_cls
 from tests.swarm import LocalSwarm
 from tests.verifier_env import one_torch_thread, start_verifier, stop_verifier, wait_until  # noqa: F401 - fixture
 from trustswarm.client import DistributedModelForCausalLM
+from trustswarm.protocol.identity import Identity
 from trustswarm.verifier.daemon import VerifierConfig
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.usefixtures("one_torch_thread")]
@@ -31,25 +32,28 @@ def test_verifier_gets_a_cheater_excluded(tiny_model_dir: Path, tmp_path: Path):
     swarm = LocalSwarm(tiny_model_dir)
     client = verifier = None
     try:
-        honest = [swarm.start_server(span) for span in [(0, 6), (0, 3), (3, 6)]]
+        honest = [swarm.start_server(span) for span in [(0, 2), (2, 4), (4, 6)]]
         cheat = swarm.start_server(
             (0, 6),
             server_cls=adversarial_server_cls(
                 Tamper("noise", amount=0.05, fraction=0.2, seed=7), boast=20.0
             ),
         )
-        verifier = start_verifier(swarm, f"sqlite:///{tmp_path / 'v.db'}", VerifierConfig())
+        verifier_identity = Identity.generate()
         client = DistributedModelForCausalLM.from_pretrained(
             tiny_model_dir,
             swarm.initial_peers,
-            trusted_verifiers=[verifier.peer_id],
+            trusted_verifiers=[str(verifier_identity.peer_id)],
             redundancy=1,
         )
-        ready = time.monotonic() - began  # servers, verifier and client all up
         view = client.swarm.view
         wait_until(lambda: cheat.peer_id in view.servers, timeout=20)
         first_route = [hop.server.peer_id for hop in view.inference_route(0, 6)]
         assert cheat.peer_id in first_route  # the test could fail: the cheat was in use
+        verifier = start_verifier(
+            swarm, f"sqlite:///{tmp_path / 'v.db'}", VerifierConfig(), verifier_identity
+        )
+        ready = time.monotonic() - began  # servers, client and verifier all up
 
         def excluded() -> bool:
             usable = {a.peer_id for a in view.usable()}
