@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
 import trio
 
 from trustswarm.models.errors import ModelDirError
@@ -93,6 +94,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="private swarm: file with a 64-hex-char pre-shared key",
     )
+    start.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice)",
+    )
     start.add_argument("--log-level", default="INFO")
     start.set_defaults(func=run_start)
 
@@ -116,6 +123,11 @@ def run_start(args: argparse.Namespace) -> int:
     except (TrustswarmError, ModelDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print("error: --threads must be a positive integer", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     config = VerifierConfig(
         checks=CheckConfig(check_every=args.check_every),
         record_ttl=args.record_ttl,

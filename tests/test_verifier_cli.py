@@ -1,0 +1,104 @@
+"""`trustswarm verifier start` as a user runs it: real processes next to a real node."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trustswarm.cli import main
+from trustswarm.protocol.identity import Identity
+from trustswarm.reputation.store import ReputationStore
+
+pytestmark = pytest.mark.timeout(120)
+PY = [sys.executable, "-m", "trustswarm"]
+COMMON = ["--listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1", "--log-level", "WARNING"]
+
+
+def launch(*args: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [*PY, *args, *COMMON], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    line = proc.stdout.readline().strip()
+    if not line.startswith("/ip4/127.0.0.1/tcp/"):
+        proc.kill()
+        raise AssertionError(f"no multiaddr printed: {line!r} {proc.stderr.read()[-2000:]}")
+    return proc, line
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=20)
+
+
+def test_verifier_prints_its_address_checks_the_node_and_stops_cleanly(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    model = str(tiny_model_dir)
+    node, node_addr = launch(
+        "node",
+        "start",
+        "--model",
+        model,
+        "--identity",
+        str(tmp_path / "n.key"),
+        "--blocks",
+        "0:6",
+        "--new-swarm",
+    )
+    try:
+        key, db = tmp_path / "verifier.key", f"sqlite:///{tmp_path / 'verifier.db'}"
+        verifier, addr = launch(
+            "verifier",
+            "start",
+            "--model",
+            model,
+            "--identity",
+            str(key),
+            "--db",
+            db,
+            "--initial-peers",
+            node_addr,
+            "--check-every",
+            "0.2",
+        )
+        try:
+            assert addr.endswith(f"/p2p/{Identity.load_or_create(key).peer_id}")
+            node_id = node_addr.split("/p2p/")[1]
+            with ReputationStore(db) as store:
+                deadline = time.monotonic() + 30
+                while not store.checks(node_id):
+                    assert time.monotonic() < deadline, "the verifier never checked the node"
+                    time.sleep(0.2)
+                assert all(row.passed for row in store.checks(node_id))
+        finally:
+            assert stop(verifier) == 0
+    finally:
+        stop(node)
+
+
+def test_bad_flags_give_a_clear_error(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    base = ["verifier", "start", "--identity", str(tmp_path / "v.key")]
+    peer = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWQt58WyNGZLHmtw5YsN3Jy3SGTfUU7yUuJvTXZ8hfq7Qf"
+    model = ["--model", str(tiny_model_dir)]
+    cases = [
+        ([*base, "--model", str(tmp_path / "missing"), "--initial-peers", peer], "model"),
+        ([*base, *model, "--initial-peers", "/ip4/1.2.3.4/tcp/1"], "p2p"),
+        ([*base, *model, "--initial-peers", peer, "--db", "nope://x"], "database"),
+        ([*base, *model, "--initial-peers", peer, "--check-every", "0"], "positive"),
+        ([*base, *model], "--initial-peers"),
+    ]
+    for argv, word in cases:
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2, (argv, err[-500:])
+        assert word in err and "Traceback" not in err, err[-500:]
