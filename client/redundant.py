@@ -113,6 +113,7 @@ class RedundantSpans:
                 tensors,
                 answer_name,
                 self.view.request_timeout,
+                pool=self.swarm.streams,
             )
             if output.shape != expected_shape:
                 raise SwarmError(f"answer shape {list(output.shape)} != {list(expected_shape)}")

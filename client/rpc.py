@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import trio
@@ -88,6 +89,37 @@ def request_message(
     )
 
 
+@dataclass
+class StreamPool:
+    """Idle forward/backward streams per (peer, protocol), reused by the next request.
+
+    Opening a stream costs several round trips in py-libp2p (yamux open, then
+    multistream-select), more than the request itself on a slow link. Servers keep a
+    stream open for more requests for `stream_idle_timeout` (30 s by default); the
+    pool drops streams idle for longer than `max_idle` (below that)."""
+
+    max_idle: float = 20.0
+    max_per_key: int = 4
+    idle: dict[tuple[str, str], list[tuple[INetStream, float]]] = field(default_factory=dict)
+
+    async def take(self, peer_id: ID, protocol: TProtocol) -> INetStream | None:
+        streams = self.idle.get((str(peer_id), protocol), [])
+        now = time.monotonic()
+        while streams:
+            stream, since = streams.pop()
+            if now - since < self.max_idle:
+                return stream
+            await close_quietly(stream)
+        return None
+
+    async def give(self, peer_id: ID, protocol: TProtocol, stream: INetStream) -> None:
+        streams = self.idle.setdefault((str(peer_id), protocol), [])
+        if len(streams) >= self.max_per_key:
+            await close_quietly(stream)
+        else:
+            streams.append((stream, time.monotonic()))
+
+
 async def call_span(
     host: IHost,
     call: SpanCall,
@@ -97,15 +129,41 @@ async def call_span(
     answer_name: str,
     timeout: float,
     limits: Limits = DEFAULT_LIMITS,
+    pool: StreamPool | None = None,
 ) -> tuple[torch.Tensor, SignedExchange]:
-    """One request per stream (forward or backward): the checked output and the
-    exchange as sent and received (evidence if the output turns out wrong)."""
-    stream = await open_stream(host, call.peer_id, protocol, timeout)
+    """One request (forward or backward): the checked output and the exchange as sent
+    and received (evidence if the output turns out wrong). With a pool, an idle stream
+    to the same server is reused; if the server closed it meanwhile, a new one is
+    opened (that is not the server's fault)."""
+    request = request_message(call, tensors)
+    stream = await pool.take(call.peer_id, protocol) if pool is not None else None
+    if stream is not None:
+        try:
+            with trio.fail_after(timeout):
+                raw = await send_message(stream, request, limits)
+                answer, raw_answer = await receive_message(stream, limits)
+        except trio.TooSlowError:
+            await close_quietly(stream)
+            raise
+        except Exception:
+            await close_quietly(stream)
+            stream = None  # closed by the server while idle: use a fresh stream
+    if stream is None:
+        stream = await open_stream(host, call.peer_id, protocol, timeout)
+        try:
+            with trio.fail_after(timeout):
+                raw = await send_message(stream, request, limits)
+                answer, raw_answer = await receive_message(stream, limits)
+        except BaseException:
+            await close_quietly(stream)
+            raise
     try:
-        with trio.fail_after(timeout):
-            raw = await send_message(stream, request_message(call, tensors), limits)
-            answer, raw_answer = await receive_message(stream, limits)
-    finally:
+        output = checked_answer(call, kind, raw, answer, answer_name)
+    except BaseException:
         await close_quietly(stream)
-    output = checked_answer(call, kind, raw, answer, answer_name)
+        raise
+    if pool is not None:
+        await pool.give(call.peer_id, protocol, stream)
+    else:
+        await close_quietly(stream)
     return output, SignedExchange(raw, raw_answer)

@@ -70,6 +70,7 @@ class RemotePasses:
                     {"hidden_states": hidden, "position_ids": positions, "attention_mask": mask},
                     "hidden_states",
                     self.swarm.view.request_timeout,
+                    pool=self.swarm.streams,
                 )
                 if output.shape != hidden.shape:
                     raise SwarmError("answer has the wrong shape")
@@ -123,6 +124,7 @@ class RemotePasses:
                     backward_request(result.inputs, grad, positions, mask),
                     "grad_inputs",
                     self.swarm.view.request_timeout,
+                    pool=self.swarm.streams,
                 )
                 if grad_in.shape != grad.shape:
                     raise SwarmError("gradient has the wrong shape")

@@ -32,6 +32,7 @@ from trustswarm.reputation.gossip import record_relay
 from trustswarm.reputation.records import REPUTATION_NAMESPACE, ReputationValidator
 
 from .routing import Hop, latency_route, throughput_route
+from .rpc import StreamPool
 from .trust import TrustFeed, TrustView
 
 log = logging.getLogger("trustswarm.client")
@@ -150,6 +151,7 @@ class SwarmClient:
         self.connect_timeout = connect_timeout
         self.refresh_every = refresh_every
         self.dht: KadDHT | None = None
+        self.streams = StreamPool()  # idle forward/backward streams, reused
         self.dht_lookups = True
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

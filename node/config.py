@@ -15,6 +15,7 @@ class ServerConfig:
     max_tokens_per_request: int = 8192  # batch * new tokens in one forward / step
     session_idle_timeout: float = 300.0  # seconds without a step before a session is dropped
     request_timeout: float = 60.0  # seconds to receive one whole request frame
+    stream_idle_timeout: float = 30.0  # a forward/backward stream waits this long for more
     announce_ttl: float = 120.0
     announce_every: float = 30.0
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)

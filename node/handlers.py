@@ -27,7 +27,13 @@ from trustswarm.protocol.errors import (
     LimitExceededError,
     ProtocolError,
 )
-from trustswarm.protocol.framing import StreamClosed, error_message, receive_message, send_message
+from trustswarm.protocol.framing import (
+    StreamClosed,
+    error_message,
+    read_exact,
+    receive_message,
+    send_message,
+)
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.statement import Statement, sign_statement
 
@@ -143,8 +149,58 @@ async def handle_info(ctx: ServingContext, stream: INetStream) -> None:
     await send_message(stream, Message(meta={"info": json.dumps(info)}), ctx.config.limits)
 
 
-async def handle_forward(ctx: ServingContext, stream: INetStream) -> None:
+async def _serve_requests(
+    ctx: ServingContext,
+    stream: INetStream,
+    answer: Callable[[ServingContext, INetStream, Message, bytes], Awaitable[None]],
+) -> None:
+    """Answer requests on one stream, one after another, until the peer closes it or
+    leaves it idle. Reusing a stream saves its set-up (several round trips in
+    py-libp2p: yamux open and multistream-select), which dominates on a slow link."""
     request, raw = await _receive(ctx, stream, ctx.config.request_timeout)
+    while True:
+        await answer(ctx, stream, request, raw)
+        first = b""
+        with trio.move_on_after(ctx.config.stream_idle_timeout):
+            try:
+                first = await read_exact(stream, 1)
+            except StreamClosed:
+                return
+        if not first:
+            return  # idle: close it; the client opens a new one when it needs one
+        request, raw = await _receive_rest(ctx, stream, first)
+
+
+async def _receive_rest(
+    ctx: ServingContext, stream: INetStream, first: bytes
+) -> tuple[Message, bytes]:
+    with trio.fail_after(ctx.config.request_timeout):
+        return await receive_message(_Prefixed(first, stream), ctx.config.limits)
+
+
+class _Prefixed:
+    """A stream whose first bytes were already read (to wait for a request while idle)."""
+
+    def __init__(self, head: bytes, stream: INetStream) -> None:
+        self.head, self.stream = head, stream
+
+    async def read(self, n: int | None = None) -> bytes:
+        if self.head:
+            head, self.head = self.head, b""
+            return head
+        return await self.stream.read(n)
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.write(data)
+
+
+async def handle_forward(ctx: ServingContext, stream: INetStream) -> None:
+    await _serve_requests(ctx, stream, _forward_one)
+
+
+async def _forward_one(
+    ctx: ServingContext, stream: INetStream, request: Message, raw: bytes
+) -> None:
     start, end = validate_span(request, ctx.runner.start, ctx.runner.end)
     hidden = hidden_states_of(request, ctx.runner.hidden_size, ctx.config)
     batch, tokens = hidden.shape[:2]
@@ -156,7 +212,12 @@ async def handle_forward(ctx: ServingContext, stream: INetStream) -> None:
 
 
 async def handle_backward(ctx: ServingContext, stream: INetStream) -> None:
-    request, raw = await _receive(ctx, stream, ctx.config.request_timeout)
+    await _serve_requests(ctx, stream, _backward_one)
+
+
+async def _backward_one(
+    ctx: ServingContext, stream: INetStream, request: Message, raw: bytes
+) -> None:
     start, end = validate_span(request, ctx.runner.start, ctx.runner.end)
     hidden = hidden_states_of(request, ctx.runner.hidden_size, ctx.config)
     batch, tokens = hidden.shape[:2]
