@@ -29,9 +29,11 @@ class ServerInfo:
 async def call_info(
     host: IHost, peer_id: ID, timeout: float, limits: Limits = DEFAULT_LIMITS
 ) -> ServerInfo:
-    began = time.perf_counter()
     with trio.fail_after(timeout):
         stream = await host.new_stream(peer_id, [INFO])
+    # The RTT excludes opening the stream (several round trips in py-libp2p): routes
+    # are costed for requests on streams that are already open.
+    began = time.perf_counter()
     try:
         with trio.fail_after(timeout):
             await send_message(stream, Message(), limits)
