@@ -1,7 +1,14 @@
 """`make demo`: a local swarm on loopback with the bundled SmolLM2-135M-Instruct.
 
-Starts 3 block servers as separate `trustswarm node start` processes (10 blocks
-each), then a client that generates an answer to a chat prompt through them.
+Part 1: starts 3 block servers as separate `trustswarm node start` processes (10
+blocks each), then a client that generates an answer to a chat prompt through them.
+
+Part 2: a cheating server joins (a demo-only process, `demo_cheater.py`: it serves all
+30 blocks, signs noisy answers on 20 % of requests and boasts its speed, so the client
+routes through it); a client that trusts a verifier starts generating through it; a
+`trustswarm verifier start` process spot-checks the swarm, catches the cheater and bans
+it; the client's route changes back to the honest servers and its answer is the honest
+one again.
 """
 
 from __future__ import annotations
@@ -64,6 +71,11 @@ def start_node(
 
 
 def main() -> int:
+    import logging
+
+    import libp2p  # noqa: F401 - it configures its loggers on import; quiet them after
+
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)  # dead peers of part 1, shutdown
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument(
@@ -83,7 +95,11 @@ def main() -> int:
             procs.append(proc)
             addrs.append(addr)
             print(f"server {i}: blocks {blocks:>5}  {addr}", flush=True)
-        run_client(args.model_dir, addrs, args.prompt, args.max_new_tokens)
+        # Part 2's cheating server loads while part 1's client talks to the honest swarm.
+        cheater = start_cheater(args.model_dir, work, addrs[0])
+        procs.append(cheater)
+        honest = run_client(args.model_dir, addrs, args.prompt, args.max_new_tokens)
+        tell_trust_story(args, work, addrs, cheater, procs, honest)
     finally:
         for proc in procs:
             proc.terminate()
@@ -95,7 +111,7 @@ def main() -> int:
     return 0
 
 
-def run_client(model_dir: Path, addrs: list[str], prompt: str, max_new_tokens: int) -> None:
+def run_client(model_dir: Path, addrs: list[str], prompt: str, max_new_tokens: int) -> str:
     import torch
     from transformers import AutoTokenizer
 
@@ -113,12 +129,130 @@ def run_client(model_dir: Path, addrs: list[str], prompt: str, max_new_tokens: i
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
         seconds = time.perf_counter() - began
         new = out[0, ids.shape[1] :]
-        print(f"assistant: {tokenizer.decode(new, skip_special_tokens=True).strip()}")
+        answer = tokenizer.decode(new, skip_special_tokens=True).strip()
+        print(f"assistant: {answer}")
         print(
             f"\n{len(new)} tokens in {seconds:.2f} s = {len(new) / seconds:.1f} tokens/s through the swarm "
             f"(every answer signed and checked)"
         )
         del torch
+        return answer
+
+
+def start_process(cmd: list[str], log_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True)
+
+
+def read_addr(proc: subprocess.Popen, what: str, log_path: Path, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("/ip4/"):
+            return line.strip()
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise SystemExit(f"{what} failed to start; see {log_path}")
+
+
+CHEAT_FRACTION, CHEAT_AMOUNT = 0.5, 0.3  # demo: tamper visibly, so the story is quick
+
+
+def start_cheater(model_dir: Path, work: Path, initial: str) -> subprocess.Popen:
+    return start_process(
+        [sys.executable, "-m", "trustswarm.demo_cheater", "--model", str(model_dir),
+         "--blocks", "0:30", "--identity", str(work / "cheater.key"), "--initial-peers", initial,
+         "--fraction", str(CHEAT_FRACTION), "--amount", str(CHEAT_AMOUNT), "--boast", "20"],
+        work / "cheater.log",
+    )  # fmt: skip
+
+
+def tell_trust_story(
+    args: argparse.Namespace,
+    work: Path,
+    addrs: list[str],
+    cheater: subprocess.Popen,
+    procs: list[subprocess.Popen],
+    honest_answer: str,
+) -> None:
+    from transformers import AutoTokenizer
+
+    from trustswarm.client import DistributedModelForCausalLM
+    from trustswarm.protocol.identity import Identity
+
+    print("\n--- part 2: a cheating server joins; a verifier watches ---", flush=True)
+    py = [sys.executable, "-m"]
+    model = str(args.model_dir)
+    cheat_addr = read_addr(cheater, "the cheating server", work / "cheater.log")
+    cheat_id = cheat_addr.split("/p2p/")[1]
+    print(f"cheater : blocks  0:30  {cheat_addr}", flush=True)
+    print(
+        f"          (demo-only process: noise at {CHEAT_AMOUNT:.0%} of the RMS on "
+        f"{CHEAT_FRACTION:.0%} of its signed answers; announces 20x its real speed)"
+    )
+    names = {a.split("/p2p/")[1]: f"server {i}" for i, a in enumerate(addrs)}
+    names[cheat_id] = "CHEATER"
+
+    # The verifier's identity exists before it runs: the client is told to trust it.
+    verifier_key = work / "verifier.key"
+    verifier_id = str(Identity.load_or_create(verifier_key).peer_id)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": args.prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    with DistributedModelForCausalLM.from_pretrained(
+        args.model_dir, initial_peers=[*addrs, cheat_addr], trusted_verifiers=[verifier_id]
+    ) as client:
+        view = client.swarm.view
+
+        def route() -> str:
+            hops = view.inference_route(0, client.num_blocks)
+            return " -> ".join(
+                f"{names.get(h.server.peer_id, '?')} [{h.start}:{h.end}]" for h in hops
+            )
+
+        print(f"client trusts verifier {verifier_id}", flush=True)
+        print(f"client route: {route()}", flush=True)
+        verifier_log = work / "verifier.log"
+        began = time.monotonic()
+        verifier = start_process(
+            [*py, "trustswarm", "verifier", "start", "--model", model,
+             "--identity", str(verifier_key), "--db", f"sqlite:///{work / 'verifier.db'}",
+             "--initial-peers", *addrs[:1], "--listen", "/ip4/127.0.0.1/tcp/0",
+             "--threads", "1", "--log-level", "INFO"],
+            verifier_log,
+        )  # fmt: skip
+        procs.append(verifier)
+        out = client.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+        first = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        print(f"assistant (through the cheater): {first}", flush=True)
+        print(f"verifier: {read_addr(verifier, 'the verifier', verifier_log)}", flush=True)
+        print("verifier spot-checks servers from fresh identities ...", flush=True)
+        deadline = time.monotonic() + 60
+        while cheat_id in {a.peer_id for a in view.usable()} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        seconds = time.monotonic() - began
+        for line in verifier_log.read_text().splitlines():
+            if " -> " in line and "check " in line:
+                peer = line.split("check ", 1)[1].split()[0]
+                print(f"  verifier: {names.get(peer, peer[:12])}: {line.split(' -> ', 1)[1][:110]}")
+        if cheat_id in {a.peer_id for a in view.usable()}:
+            print("the verifier did not catch the cheater within 60 s (see the logs)")
+            return
+        print(
+            f"client: verifier {verifier_id[-8:]} banned the CHEATER; excluded "
+            f"{seconds:.1f} s after the verifier was launched",
+            flush=True,
+        )
+        print(f"client route: {route()}", flush=True)
+        out = client.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+        second = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        print(f"assistant (honest route): {second}")
+        same = "identical to" if second == honest_answer else "DIFFERENT from"
+        print(f"the answer is {same} the honest swarm's answer in part 1")
 
 
 if __name__ == "__main__":
