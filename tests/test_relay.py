@@ -52,7 +52,7 @@ async def receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
     return bytes(buf)
 
 
-def test_round_trip_is_twice_the_delay_and_chunks_are_pipelined():
+def test_round_trip_is_twice_the_delay():
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             port = await start(nursery, echo, delay=0.05)
@@ -63,16 +63,44 @@ def test_round_trip_is_twice_the_delay_and_chunks_are_pipelined():
                 await stream.send_all(b"ping%d" % i)
                 assert await receive_exactly(stream, 5) == b"ping%d" % i
                 rtts.append(trio.current_time() - began)
-            assert 0.099 <= statistics.median(rtts) < 0.16, rtts
-            # 10 messages sent 10 ms apart: a pipe delivers all within ~2 delays of the
-            # last one; stop-and-wait would take 10 round trips (1 s).
-            began = trio.current_time()
-            for i in range(10):
-                await stream.send_all(b"m%d" % i)
-                await trio.sleep(0.01)
-            got = await receive_exactly(stream, 20)
-            assert got == b"".join(b"m%d" % i for i in range(10))
-            assert 0.19 <= trio.current_time() - began < 0.35
+            assert 0.099 <= statistics.median(rtts) < 0.2, rtts
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_chunks_are_in_flight_together_not_stop_and_wait():
+    """Messages sent 13 ms apart each take ~1 RTT. A relay that held one chunk at a time
+    would make most of the ones arriving during its wait take 1.5 to 2 RTTs."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await start(nursery, echo, delay=0.1)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            sent: dict[bytes, float] = {}
+            rtts: list[float] = []
+            order: list[bytes] = []
+
+            async def read() -> None:
+                buf = b""
+                while len(order) < 10:
+                    buf += await stream.receive_some(100)
+                    while len(buf) >= 3:
+                        msg, buf = buf[:3], buf[3:]
+                        order.append(msg)
+                        rtts.append(trio.current_time() - sent[msg])
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(read)
+                for i in range(10):
+                    sent[b"m%02d" % i] = trio.current_time()
+                    await stream.send_all(b"m%02d" % i)
+                    await trio.sleep(0.013)
+            assert order == [b"m%02d" % i for i in range(10)]
+            assert min(rtts) >= 0.199, rtts
+            assert statistics.median(rtts) < 0.25, rtts
+            assert sum(r > 0.3 for r in rtts) <= 2, rtts  # hiccups allowed on a busy host
             await stream.aclose()
             nursery.cancel_scope.cancel()
 
@@ -118,7 +146,7 @@ def test_bandwidth_cap_limits_throughput():
             seconds = trio.current_time() - began
             assert int(answer) == size
             expected = size / rate + 0.02
-            assert 0.9 * expected <= seconds < 1.6 * expected, seconds
+            assert 0.9 * expected <= seconds < 2.0 * expected, seconds  # uncapped: ~0.01 s
             await stream.aclose()
             nursery.cancel_scope.cancel()
 
@@ -200,7 +228,7 @@ def test_background_relays_for_synchronous_benchmarks(kind):
                 began = time.monotonic()
                 c.sendall(b"hello")
                 assert c.recv(5) == b"hello"
-                assert 0.059 <= time.monotonic() - began < 0.2
+                assert 0.059 <= time.monotonic() - began < 0.4
     if kind is RelayProcess:
         assert relays.stats[0]["bytes_up"] == 5 and relays.stats[0]["bytes_down"] == 5
 
