@@ -229,6 +229,8 @@ def tell_trust_story(
         out = client.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
         first = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         print(f"assistant (through the cheater): {first}", flush=True)
+        tampered = (work / "cheater.log").read_text().count("tampered answer")
+        print(f"          (the cheater has signed {tampered} tampered answers so far)", flush=True)
         print(f"verifier: {read_addr(verifier, 'the verifier', verifier_log)}", flush=True)
         print("verifier spot-checks servers from fresh identities ...", flush=True)
         deadline = time.monotonic() + 60
