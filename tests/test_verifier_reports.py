@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.adversary import Tamper, adversarial_server_cls
 from tests.swarm import LocalSwarm
@@ -27,7 +29,7 @@ from trustswarm.protocol.identity import Identity, parse_peer_id
 from trustswarm.protocol.transport import make_host, parse_peer_addr, running_host
 from trustswarm.verifier.daemon import VerifierConfig
 from trustswarm.verifier.probe import fresh_host, probe
-from trustswarm.verifier.reports import ReportConfig, evidence_report
+from trustswarm.verifier.reports import BadReport, ReportConfig, evidence_report, parse_report
 from trustswarm.verifier.spotcheck import CheckConfig
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
@@ -178,3 +180,49 @@ def test_report_about_another_model_is_rejected(swarm, verifier):
     verdict = report(swarm, verifier, other)
     assert verdict.verdict == "rejected" and verdict.banned == ()
     assert "checks" in verdict.detail
+
+
+# -- the report parser: any bytes give a report or BadReport, never anything else ------
+
+_VALID = DisagreementReport(
+    model_id="m",
+    start=0,
+    end=2,
+    kind="forward",
+    answers=(ReplicaAnswer("peer", Evidence((SignedExchange(b"req", b"answer"),)), 0),),
+    accepted_cluster=None,
+    resolution="unresolved",
+    created_at=1.0,
+).to_bytes()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_parse_report_arbitrary_bytes(data: bytes):
+    try:
+        parse_report(data)
+    except BadReport:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, len(_VALID) - 1), st.integers(0, 255), st.integers(0, len(_VALID)))
+def test_parse_report_mutations(position: int, value: int, cut: int):
+    mutated = bytearray(_VALID)
+    mutated[position] = value
+    for data in (bytes(mutated), _VALID[:cut], _VALID + b"x"):
+        try:
+            report = parse_report(data)
+        except BadReport:
+            continue
+        assert report.answers and report.kind in ("forward", "inference", "backward")
+
+
+def test_parse_report_limits():
+    assert parse_report(_VALID).answers[0].peer_id == "peer"
+    with pytest.raises(BadReport, match="answers"):
+        parse_report(_VALID, ReportConfig(max_answers=0))
+    with pytest.raises(BadReport, match="exchanges"):
+        parse_report(_VALID, ReportConfig(max_exchanges=0))
+    with pytest.raises(BadReport):
+        parse_report(_VALID, ReportConfig(max_bytes=len(_VALID) - 1))

@@ -99,6 +99,20 @@ def evidence_report(
     )
 
 
+def parse_report(data: bytes, config: ReportConfig = ReportConfig()) -> DisagreementReport:
+    """Decode a report frame within the desk's limits. Raises BadReport, nothing else."""
+    try:
+        report = DisagreementReport.from_bytes(data, config.max_bytes)
+    except EvidenceError as exc:
+        raise BadReport(f"not a disagreement report: {exc}") from None
+    if not 1 <= len(report.answers) <= config.max_answers:
+        raise BadReport(f"a report must hold 1..{config.max_answers} answers")
+    exchanges = sum(len(a.evidence.exchanges) for a in report.answers)
+    if exchanges > config.max_exchanges:
+        raise BadReport(f"{exchanges} exchanges exceed the limit {config.max_exchanges}")
+    return report
+
+
 class ReportDesk:
     def __init__(
         self,
@@ -137,16 +151,7 @@ class ReportDesk:
     # -- review -----------------------------------------------------------------------
 
     def parse(self, data: bytes) -> DisagreementReport:
-        try:
-            report = DisagreementReport.from_bytes(data, self.config.max_bytes)
-        except EvidenceError as exc:
-            raise BadReport(f"not a disagreement report: {exc}") from None
-        if not 1 <= len(report.answers) <= self.config.max_answers:
-            raise BadReport(f"a report must hold 1..{self.config.max_answers} answers")
-        exchanges = sum(len(a.evidence.exchanges) for a in report.answers)
-        if exchanges > self.config.max_exchanges:
-            raise BadReport(f"{exchanges} exchanges exceed the limit {self.config.max_exchanges}")
-        return report
+        return parse_report(data, self.config)
 
     async def review(self, reporter: str, report: DisagreementReport) -> ReportVerdict:
         if report.model_id != self.model_id:
