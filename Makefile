@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench bench-training bench-table clean
+.PHONY: setup demo test lint bench bench-training bench-table bench-adversary clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench-training: setup
 bench-table: setup
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/table.py $(BENCH_ARGS)
+
+# The adversary suite (issue 6): bench/results/adversary.md + .json, tiny model, ~15 min.
+bench-adversary: setup
+	$(PY) bench/adversary_suite.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
