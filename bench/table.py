@@ -137,7 +137,7 @@ class Bench:
     def clients_rows(self, servers: Servers) -> None:
         n = self.args.clients
         per = Row("clients", f"{n} concurrent clients: per client (all clients' values)")
-        total = Row("clients_sum", f"{n} concurrent clients: aggregate (sum of clients)")
+        total = Row("clients_sum", f"{n} concurrent clients: aggregate")
         self.log(f"row: {n} concurrent clients (starting {n} client processes)")
         workload = replace(self.workload, repeats=max(1, self.workload.repeats - 1))
         spec = {
@@ -154,12 +154,12 @@ class Bench:
             began = time.perf_counter()
             with CpuWatch([os.getpid(), *pids]) as cpu:
                 for seed, column in enumerate(COLUMNS):
-                    values, wall = workers.run(column, seed)
+                    values, aggregate, wall = workers.run(column, seed)
                     per.values[column] = [v for client in values for v in client]
-                    total.values[column] = [sum(rep) for rep in zip(*values, strict=True)]
+                    total.values[column] = aggregate
                     self.log(
                         f"  clients {column}: per-client median "
-                        f"{statistics.median(per.values[column]):.2f}, sum "
+                        f"{statistics.median(per.values[column]):.2f}, aggregate "
                         f"{[round(v, 2) for v in total.values[column]]} ({wall:.0f} s)"
                     )
         finally:
@@ -365,30 +365,57 @@ def notes_for(args: argparse.Namespace, workload: Workload, bench: Bench) -> lis
         f"logits included, repeated {w.repeats}×.",
         "- **bold** = median, [min–max] over the repeats, ⚠ = spread above 20 % (noisy). "
         "Under each figure: its ratio to local HF and to offloading.",
-        "- *offloading*: a forward pre-hook on every block reads the block's safetensors file "
-        "(warm page cache: memory bandwidth, not disk) and copies it into the block before it "
-        "runs, as offloading streams weights to the device for every step.",
-        "- *swarm*: real `trustswarm node start --threads 1` processes on 127.0.0.1, a "
-        "`DistributedModelForCausalLM` client in the benchmark process; each step goes client → "
-        "server → client for every span (3 hops), every answer is signed and checked.",
-        f"- *relays*: bench/relay.py, one relay process per server, {args.delay_ms / 2:g} ms each "
-        f"way and {args.mbit:g} Mbit/s per direction; the servers announce only the relay's "
-        "address (`--announce-addr`), so the client's traffic crosses it (3 hops = 3 RTTs a step).",
-        f"- *concurrent clients*: {args.clients} separate client processes (one torch thread "
-        f"each, {max(1, w.repeats - 1)} repeat(s)) on the 3 loopback servers, all told to start "
-        "each measurement at once; "
-        "per client = all clients' values together; aggregate = per repeat, the sum of the "
-        "clients' rates.",
-        "- *redundancy=k*: the 3 loopback servers plus 6 more (3 per span); the client sends every span to k of them in "
-        "parallel and compares the answers. On 2 cores the k replicas compete for the CPU, so "
-        "this shows the compute cost of redundancy more than its latency cost.",
-        "- *verifier*: the verifier daemon runs beside the servers on the same 2 cores and "
-        "recomputes what it checks, so its CPU use slows the swarm here; on a separate machine "
-        "only the servers' share of answering its checks would remain.",
+        (
+            "offload",
+            "- *offloading*: a forward pre-hook on every block reads the block's safetensors file "
+            "(warm page cache: memory bandwidth, not disk) and copies it into the block before it "
+            "runs, as offloading streams weights to the device for every step.",
+        ),
+        (
+            "swarm",
+            "- *swarm*: real `trustswarm node start --threads 1` processes on 127.0.0.1, a "
+            "`DistributedModelForCausalLM` client in the benchmark process; each step goes client → "
+            "server → client for every span (3 hops), every answer is signed and checked.",
+        ),
+        (
+            "wan",
+            f"- *relays*: bench/relay.py, one relay process per server, {args.delay_ms / 2:g} ms each "
+            f"way and {args.mbit:g} Mbit/s per direction; the servers announce only the relay's "
+            "address (`--announce-addr`), so the client's traffic crosses it (3 hops = 3 RTTs a step).",
+        ),
+        (
+            "clients",
+            f"- *concurrent clients*: {args.clients} separate client processes (one torch thread "
+            f"each, {max(1, w.repeats - 1)} repeat(s)) on the 3 loopback servers, all told to start "
+            "each measurement at once; "
+            "per client = all clients' values together; aggregate = per repeat, all clients' "
+            "decode steps (or tokens) divided by the time from the first client's start to the "
+            "last client's end (windows that do not fully overlap make it conservative).",
+        ),
+        (
+            "red",
+            "- *redundancy=k*: the 3 loopback servers plus 6 more (3 per span); the client sends every span to k of them in "
+            "parallel and compares the answers. On 2 cores the k replicas compete for the CPU, so "
+            "this shows the compute cost of redundancy more than its latency cost.",
+        ),
+        (
+            "verifier",
+            "- *verifier*: the verifier daemon runs beside the servers on the same 2 cores and "
+            "recomputes what it checks, so its CPU use slows the swarm here; on a separate machine "
+            "only the servers' share of answering its checks would remain.",
+        ),
     ]
+    present = {r.key.removesuffix("_sum").rstrip("23") for r in bench.rows if r.available}
+    notes = [
+        n if isinstance(n, str) else n[1] for n in notes if isinstance(n, str) or n[0] in present
+    ]
+    notes.append(
+        "- Rows are measured one after another, not at the same moment: a ratio between two "
+        "rows also carries the change in the machine's load between them (see the CPU column)."
+    )
     if bench.wan_bytes:
         total = sum(r["bytes_up"] + r["bytes_down"] for r in bench.wan_bytes)
-        notes.append(f"- Bytes through the relays during the relay row: {total / 1e6:.1f} MB.")
+        notes.append(f"- Bytes through the relays while their servers ran: {total / 1e6:.1f} MB.")
     for row in bench.rows:
         if row.note and row.available:
             notes.append(f"- {row.label}: {row.note}")

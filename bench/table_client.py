@@ -2,7 +2,8 @@
 
 Connects to the swarm, warms up, prints {"ready": true}; then for each JSON line
 {"column": ..., "seed": ...} on stdin measures that column (bench/table_measure.py) and
-prints {"values": [...]} (one per repeat). Exits at EOF. Errors are printed as {"error": ...}.
+prints {"values": [...], "spans": [[start, end, units], ...]} (one per repeat,
+time.monotonic(), the same clock in every process). Exits at EOF. Errors are printed as {"error": ...}.
 """
 
 from __future__ import annotations
@@ -41,12 +42,15 @@ def main() -> int:
         print(json.dumps({"ready": True}), flush=True)
         for line in sys.stdin:
             request = json.loads(line)
+            spans: list[tuple[float, float, int]] = []
             try:
-                value = workload.measure(model, request["column"], vocab, request["seed"])
+                values = workload.measure(
+                    model, request["column"], vocab, request["seed"], spans=spans
+                )
             except Exception as exc:
                 print(json.dumps({"error": repr(exc)}), flush=True)
                 continue
-            print(json.dumps({"values": value}), flush=True)
+            print(json.dumps({"values": values, "spans": spans}), flush=True)
     return 0
 
 

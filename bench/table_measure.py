@@ -27,7 +27,7 @@ class TokenClock:
 
     def put(self, value: torch.Tensor) -> None:
         if value.dim() == 1:  # HF first puts the prompt ([1, L]); new tokens are [batch]
-            self.times.append(time.perf_counter())
+            self.times.append(time.monotonic())  # CLOCK_MONOTONIC: same in every process
 
     def end(self) -> None:
         pass
@@ -39,11 +39,18 @@ def token_ids(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 def inference_steps_per_s(
-    model, prefix: int, steps: int, windows: int, vocab: int, seed: int = 0
+    model,
+    prefix: int,
+    steps: int,
+    windows: int,
+    vocab: int,
+    seed: int = 0,
+    spans: list[tuple[float, float, int]] | None = None,
 ) -> list[float]:
     """Decode steps per second after a `prefix`-token prompt, prefill not timed: one
     generate of windows * steps + 1 tokens, cut into `windows` consecutive windows of
-    `steps` steps (so the prefill is paid once, not once per repeat)."""
+    `steps` steps (so the prefill is paid once, not once per repeat). `spans` receives
+    each window's (start, end, steps) in time.monotonic() seconds."""
     ids = token_ids(1, prefix, vocab, seed)
     clock = TokenClock()
     total = windows * steps + 1
@@ -60,15 +67,28 @@ def inference_steps_per_s(
     if made != total or len(clock.times) != total:
         raise RuntimeError(f"generate made {made} tokens ({len(clock.times)} timed), not {total}")
     t = clock.times
-    return [steps / (t[(w + 1) * steps] - t[w * steps]) for w in range(windows)]
+    bounds = [(t[w * steps], t[(w + 1) * steps]) for w in range(windows)]
+    if spans is not None:
+        spans += [(a, b, steps) for a, b in bounds]
+    return [steps / (b - a) for a, b in bounds]
 
 
-def forward_tokens_per_s(model, batch: int, seq: int, vocab: int, seed: int = 0) -> float:
+def forward_tokens_per_s(
+    model,
+    batch: int,
+    seq: int,
+    vocab: int,
+    seed: int = 0,
+    spans: list[tuple[float, float, int]] | None = None,
+) -> float:
     ids = token_ids(batch, seq, vocab, seed)
     with torch.inference_mode():
-        began = time.perf_counter()
+        began = time.monotonic()
         logits = model(input_ids=ids).logits
-        seconds = time.perf_counter() - began
+        ended = time.monotonic()
+    seconds = ended - began
+    if spans is not None:
+        spans.append((began, ended, batch * seq))
     if tuple(logits.shape[:2]) != (batch, seq):
         raise RuntimeError(f"forward returned logits of shape {tuple(logits.shape)}")
     return batch * seq / seconds
@@ -97,16 +117,25 @@ class Workload:
             "fwd_big": f"forward tokens/s, batch {self.big_batch}×{self.seq}",
         }[column]
 
-    def measure(self, model, column: str, vocab: int, seed: int, steps: int = 0) -> list[float]:
-        """`repeats` values of one column (steps: decode steps per window, 0 = default)."""
+    def measure(
+        self,
+        model,
+        column: str,
+        vocab: int,
+        seed: int,
+        steps: int = 0,
+        spans: list[tuple[float, float, int]] | None = None,
+    ) -> list[float]:
+        """`repeats` values of one column (steps: decode steps per window, 0 = default);
+        `spans` receives each repeat's (start, end, units) in time.monotonic() seconds."""
         steps = steps or self.steps
         if column in ("inf_short", "inf_long"):
             prefix = self.short_prefix if column == "inf_short" else self.long_prefix
-            return inference_steps_per_s(model, prefix, steps, self.repeats, vocab, seed)
+            return inference_steps_per_s(model, prefix, steps, self.repeats, vocab, seed, spans)
         if column in ("fwd_small", "fwd_big"):
             batch = self.small_batch if column == "fwd_small" else self.big_batch
             return [
-                forward_tokens_per_s(model, batch, self.seq, vocab, seed + r)
+                forward_tokens_per_s(model, batch, self.seq, vocab, seed + r, spans)
                 for r in range(self.repeats)
             ]
         raise ValueError(f"unknown column {column!r}")

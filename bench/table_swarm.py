@@ -238,14 +238,20 @@ class ClientWorkers:
             raise RuntimeError(f"client worker {proc.pid}: {answer['error']}")
         return answer
 
-    def run(self, column: str, seed: int) -> tuple[list[list[float]], float]:
-        """Each client's values (one per repeat) and the wall time of the whole round."""
+    def run(self, column: str, seed: int) -> tuple[list[list[float]], list[float], float]:
+        """Each client's values (one per repeat); the aggregate rate of each repeat (all
+        clients' units over the span from the first client's start to the last one's end);
+        the wall time of the whole round."""
         began = time.perf_counter()
         for i, proc in enumerate(self.procs):
             proc.stdin.write(json.dumps({"column": column, "seed": seed * 100 + i}) + "\n")
             proc.stdin.flush()
-        values = [self._answer(proc)["values"] for proc in self.procs]
-        return values, time.perf_counter() - began
+        answers = [self._answer(proc) for proc in self.procs]
+        aggregate = []
+        for spans in zip(*(a["spans"] for a in answers), strict=True):
+            start, end = min(s[0] for s in spans), max(s[1] for s in spans)
+            aggregate.append(sum(s[2] for s in spans) / (end - start))
+        return [a["values"] for a in answers], aggregate, time.perf_counter() - began
 
     @property
     def pids(self) -> list[int]:
