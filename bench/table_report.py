@@ -109,10 +109,27 @@ def plot(rows: list[Row], workload: Workload, path: Path) -> str | None:
         ax.set_yticklabels(labels if column == COLUMNS[0] else [], fontsize=8)
         ax.set_title(workload.title(column), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-        for y, m in zip(ys, mids, strict=True):
-            ax.text(m, y, f" {_fmt(m)}", va="center", fontsize=7)
+        for y, m, h in zip(ys, mids, highs, strict=True):
+            ax.text(m + h, y, f" {_fmt(m)}", va="center", fontsize=7)
     fig.suptitle("SmolLM2-135M: local vs offloading vs swarm (median, whiskers min–max)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def replot(json_path: Path) -> None:
+    """Redraw the PNG beside a table's JSON (from the repository root):
+    `python -m bench.table_report bench/results/table.json`."""
+    import json
+
+    data = json.loads(json_path.read_text())
+    rows = [Row(**row) for row in data["rows"]]
+    problem = plot(rows, Workload(**data["workload"]), json_path.with_suffix(".png"))
+    print(problem or f"wrote {json_path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    replot(Path(sys.argv[1]))
