@@ -87,6 +87,7 @@ class Verifier:
 
     def __post_init__(self) -> None:
         self._compute = trio.CapacityLimiter(1)
+        self._publish_lock = trio.Lock()
         self._publish_send, self._publish_receive = trio.open_memory_channel[str](256)
 
     @property
@@ -132,14 +133,17 @@ class Verifier:
         return sign_record(self.identity, record)
 
     async def _publish(self, publisher: RecordPublisher, peers: Sequence[str]) -> None:
-        records = [r for r in (self.record_for(p) for p in peers) if r is not None]
-        if not records:
-            return
-        try:  # also saves each record in the store
-            await publisher.publish(records)
-        except Exception as exc:  # the DHT and gossip are best effort; we publish again
-            log.warning("publishing %d record(s) failed: %s", len(records), exc)
-        self.published += len(records)
+        # One batch at a time: records go out in the order of their sequence numbers
+        # (a DHT node refuses to replace a record with an older one).
+        async with self._publish_lock:
+            records = [r for r in (self.record_for(p) for p in peers) if r is not None]
+            if not records:
+                return
+            try:  # also saves each record in the store
+                await publisher.publish(records)
+            except Exception as exc:  # the DHT and gossip are best effort; we publish again
+                log.warning("publishing %d record(s) failed: %s", len(records), exc)
+            self.published += len(records)
 
     async def _publish_changes(self, publisher: RecordPublisher) -> None:
         """Publish a fresh record for each server whose evidence just changed."""
