@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.swarm import LocalSwarm
 from trustswarm.cli import main
 from trustswarm.protocol.identity import Identity
 from trustswarm.reputation.store import ReputationStore
@@ -38,47 +39,26 @@ def stop(proc: subprocess.Popen) -> int:
 def test_verifier_prints_its_address_checks_the_node_and_stops_cleanly(
     tiny_model_dir: Path, tmp_path: Path
 ):
-    model = str(tiny_model_dir)
-    node, node_addr = launch(
-        "node",
-        "start",
-        "--model",
-        model,
-        "--identity",
-        str(tmp_path / "n.key"),
-        "--blocks",
-        "0:6",
-        "--new-swarm",
-    )
+    swarm = LocalSwarm(tiny_model_dir)  # the node in-process; the verifier as a user runs it
     try:
+        node = swarm.start_server((0, 6))
         key, db = tmp_path / "verifier.key", f"sqlite:///{tmp_path / 'verifier.db'}"
         verifier, addr = launch(
-            "verifier",
-            "start",
-            "--model",
-            model,
-            "--identity",
-            str(key),
-            "--db",
-            db,
-            "--initial-peers",
-            node_addr,
-            "--check-every",
-            "0.2",
-        )
+            "verifier", "start", "--model", str(tiny_model_dir), "--identity", str(key),
+            "--db", db, "--initial-peers", node.addrs[0], "--check-every", "0.2",
+        )  # fmt: skip
         try:
             assert addr.endswith(f"/p2p/{Identity.load_or_create(key).peer_id}")
-            node_id = node_addr.split("/p2p/")[1]
             with ReputationStore(db) as store:
                 deadline = time.monotonic() + 30
-                while not store.checks(node_id):
+                while not store.checks(node.peer_id):
                     assert time.monotonic() < deadline, "the verifier never checked the node"
                     time.sleep(0.2)
-                assert all(row.passed for row in store.checks(node_id))
+                assert all(row.passed for row in store.checks(node.peer_id))
         finally:
             assert stop(verifier) == 0
     finally:
-        stop(node)
+        swarm.close()
 
 
 def test_bad_flags_give_a_clear_error(
