@@ -1,0 +1,278 @@
+"""Tolerance comparator: do two servers' outputs for the same request agree?
+
+Honest servers differ in the low bits (float32 vs bfloat16 compute, kernels, batch
+composition). The comparator must accept that and reject tampering. It works per token (the
+last dimension is the hidden / feature dimension, every leading index is one token), in
+float32, with two tests:
+
+* **bulk error** of a token: ``||a_t - b_t|| / scale_t`` over the token's channels, leaving
+  out the ``outlier_channels`` channels where the two differ most. ``scale_t`` is the
+  quadratic mean of the two tokens' RMS over the same kept channels,
+  ``sqrt((||a_t||^2 + ||b_t||^2) / (2 n))``: symmetric (bit for bit: every operation on
+  ``a`` and ``b`` commutes) and per token, so the attention-sink token with its massive
+  activations (RMS ~100x the other tokens) is measured against its own size and neither
+  hides nor swamps the others. A ×(1+x) scaling of a token reads as ~x, noise at x of the
+  token's RMS reads as ~x.
+* **max-abs guard**: ``max_i |a_ti - b_ti| / rms_t`` (full-token quadratic-mean RMS), so
+  the left-out channels are still bounded.
+
+Why leave channels out: on SmolLM2 the massive activation channel of the sink token grows
+to ~700 inside blocks 2-9 and is then cancelled to ~100 by block 9. In bfloat16 a value near
+700 is only kept to ±2, so the honest bfloat16 output of that one channel is off by up to
+~25 (≈ 4 token-RMS) while every other channel of the token agrees to ~1.5 %. A plain
+per-token L2 error then reads 10-20 % on honest servers, far above a 5 % cheat. Leaving
+out a handful of channels per token makes honest bfloat16 read ~2 % and keeps a uniform
+5 % change at 5 % (the cost: up to ``outlier_channels`` channels per token may be changed
+within the max-abs guard; see bench/results/calibration.md).
+
+Thresholds per wire dtype come from bench/calibrate.py on the real SmolLM2 (forward
+hidden states and backward input gradients); the results and the margin rule are in
+bench/results/calibration.md. The comparator is vectorised (no Python loop over tokens):
+it runs on every redundant step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "FORWARD_TOLERANCES",
+    "GRADIENT_TOLERANCES",
+    "Tolerance",
+    "TokenErrors",
+    "Verdict",
+    "compare",
+    "token_errors",
+    "tolerance_for",
+]
+
+# A token whose RMS is below this fraction of the tensor's mean token RMS is measured
+# against that floor instead (its differences are negligible for the model; avoids 0/0).
+SCALE_FLOOR = 1e-3
+KINDS = ("hidden", "grad")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Acceptance thresholds for one wire dtype and kind of tensor."""
+
+    token_rel_error: float  # max per-token bulk relative L2 error (see module docstring)
+    max_abs_ratio: float  # max |a - b| of any element, in units of its token's RMS
+    outlier_channels: int = 4  # channels per token left out of the bulk error
+    # Up to ceil(outlier_token_fraction x tokens) tokens (at least 1) may exceed
+    # token_rel_error, if they stay within outlier_token_error (isolated honest outliers).
+    outlier_token_fraction: float = 1 / 32
+    outlier_token_error: float = 0.0  # 0: no outlier tokens (= token_rel_error)
+    # A token's scale is at least this fraction of the tensor's mean token RMS.
+    scale_floor: float = SCALE_FLOOR
+
+    def __post_init__(self) -> None:
+        if not (self.token_rel_error > 0 and self.max_abs_ratio > 0):
+            raise ValueError("tolerances must be positive")
+        if not 0 <= self.outlier_token_fraction < 1 or self.outlier_token_error < 0:
+            raise ValueError("outlier_token_fraction must be in [0, 1), the error >= 0")
+        if self.outlier_channels < 0:
+            raise ValueError("outlier_channels must be >= 0")
+        if not self.scale_floor > 0:
+            raise ValueError("scale_floor must be positive")
+
+    def loosest(self, other: Tolerance) -> Tolerance:
+        """A tolerance at least as loose as both (field by field)."""
+        return Tolerance(
+            token_rel_error=max(self.token_rel_error, other.token_rel_error),
+            max_abs_ratio=max(self.max_abs_ratio, other.max_abs_ratio),
+            outlier_channels=max(self.outlier_channels, other.outlier_channels),
+            outlier_token_fraction=max(self.outlier_token_fraction, other.outlier_token_fraction),
+            outlier_token_error=max(self.outlier_token_error, other.outlier_token_error),
+            scale_floor=max(self.scale_floor, other.scale_floor),
+        )
+
+    @property
+    def token_cap(self) -> float:
+        """The bound no token may exceed."""
+        return max(self.token_rel_error, self.outlier_token_error)
+
+    def outlier_tokens(self, n_tokens: int) -> int:
+        """How many of n_tokens may exceed token_rel_error (up to token_cap)."""
+        if self.outlier_token_error <= self.token_rel_error:
+            return 0
+        return max(1, math.ceil(self.outlier_token_fraction * n_tokens))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    agree: bool
+    reason: str  # "" when agree; a human reason otherwise
+    worst_token_error: float  # largest per-token bulk relative error (nan if not computed)
+    max_abs_error: float  # largest |a - b| of any element, in float32 units (nan if not computed)
+    worst_abs_ratio: float = float("nan")  # largest |a - b| / token RMS (the guarded value)
+
+    def __bool__(self) -> bool:
+        return self.agree
+
+
+# Calibrated by bench/calibrate.py (see bench/results/calibration.md for the margins).
+FORWARD_TOLERANCES: dict[str, Tolerance] = {
+    "float32": Tolerance(token_rel_error=1e-3, max_abs_ratio=0.05),
+    "bfloat16": Tolerance(token_rel_error=0.035, max_abs_ratio=8.0, outlier_token_error=0.16),
+    "float16": Tolerance(token_rel_error=0.035, max_abs_ratio=8.0, outlier_token_error=0.16),
+}
+GRADIENT_TOLERANCES: dict[str, Tolerance] = {
+    "float32": Tolerance(token_rel_error=1e-3, max_abs_ratio=0.05),
+    "bfloat16": Tolerance(token_rel_error=0.035, max_abs_ratio=8.0, outlier_token_error=0.5),
+    "float16": Tolerance(token_rel_error=0.035, max_abs_ratio=8.0, outlier_token_error=0.5),
+}
+_TABLES = {"hidden": FORWARD_TOLERANCES, "grad": GRADIENT_TOLERANCES}
+# Wire dtypes outside the table compare like the nearest one (float64 is at least as exact).
+_ALIASES = {torch.float64: "float32"}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    if dtype in _ALIASES:
+        return _ALIASES[dtype]
+    return str(dtype).removeprefix("torch.")
+
+
+def tolerance_for(a: torch.Tensor, b: torch.Tensor, kind: str = "hidden") -> Tolerance:
+    """The tolerance for comparing a and b: the looser of their two wire dtypes' tolerances
+    (honest servers answer in their compute dtype, so a bfloat16 server sends bfloat16)."""
+    if kind not in _TABLES:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    table = _TABLES[kind]
+    tols = []
+    for t in (a, b):
+        name = _dtype_name(t.dtype)
+        if name not in table:
+            raise ValueError(f"no {kind} tolerance for dtype {name} (have {sorted(table)})")
+        tols.append(table[name])
+    return tols[0].loosest(tols[1])
+
+
+@dataclass(frozen=True)
+class TokenErrors:
+    """Per-token measures of two same-shape float tensors, flattened to [tokens]."""
+
+    rel_error: torch.Tensor  # bulk relative L2 error per token
+    abs_ratio: torch.Tensor  # max |a - b| per token / token RMS
+    max_abs: torch.Tensor  # max |a - b| per token
+
+
+def _peak(x: torch.Tensor) -> float:
+    """max |x| in one pass; NaN if x holds a NaN, inf if it holds an inf."""
+    return float(torch.linalg.vector_norm(x, float("inf"))) if x.numel() else 0.0
+
+
+def token_errors(
+    a: torch.Tensor, b: torch.Tensor, outlier_channels: int = 4, scale_floor: float = SCALE_FLOOR
+) -> TokenErrors:
+    """The comparator's per-token measures (no validation: finite float tensors, same shape,
+    at least one element). Exposed for calibration. About ten passes over the data."""
+    h = a.shape[-1] if a.ndim else 1
+    a32 = a.detach().to(torch.float32).reshape(-1, h)
+    b32 = b.detach().to(torch.float32).reshape(-1, h)
+    # Far from 1, scale both by the same power of two (exact) so squares cannot overflow
+    # or underflow.
+    peak = max(_peak(a32), _peak(b32))
+    unit = 1.0
+    if peak > 0 and not 2.0**-30 < peak < 2.0**30:
+        unit = 2.0 ** math.frexp(peak)[1]
+        a32, b32 = a32 / unit, b32 / unit
+    d2 = a32 - b32
+    d2.mul_(d2)
+    # Twice the mean square of the pair (the 2 cancels in every ratio). Not addcmul: a
+    # fused multiply-add rounds a*a + b*b and b*b + a*a differently.
+    e2 = a32 * a32
+    e2.add_(b32 * b32)
+    full_e2 = e2.sum(-1)
+    max_d2 = d2.amax(-1)
+    rms = (full_e2 / (2 * h)).sqrt()
+    floor = max(float(rms.mean()) * scale_floor, torch.finfo(torch.float32).tiny)
+    k = min(outlier_channels, h - 1)
+    if k > 0:
+        # d2 is the same tensor for (a, b) and (b, a): the same channels are left out.
+        idx = d2.topk(k, dim=-1, sorted=False).indices
+        d2.scatter_(-1, idx, 0.0)
+        e2.scatter_(-1, idx, 0.0)
+        kept_e2 = e2.sum(-1)
+    else:
+        kept_e2 = full_e2
+    n = h - k
+    scale = (kept_e2 / (2 * n)).sqrt().clamp_min(floor)
+    rel = (d2.sum(-1) / n).sqrt() / scale
+    max_abs = max_d2.sqrt()
+    ratio = max_abs / rms.clamp_min(floor)
+    return TokenErrors(rel_error=rel, abs_ratio=ratio, max_abs=max_abs * unit)
+
+
+def _position(flat_index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The index of token `flat_index` in the leading dims of `shape`."""
+    lead = shape[:-1] or (1,)
+    pos = []
+    for size in reversed(lead):
+        pos.append(flat_index % size)
+        flat_index //= size
+    return tuple(reversed(pos))
+
+
+def _reject(reason: str) -> Verdict:
+    return Verdict(False, reason, float("nan"), float("nan"))
+
+
+def compare(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    kind: str = "hidden",
+    tolerance: Tolerance | None = None,
+) -> Verdict:
+    """Whether a and b agree within `tolerance` (default: tolerance_for(a, b, kind)).
+    Symmetric; computed in float32, per token over the last dim. Never raises for bad
+    tensors: shape mismatch, non-float dtype and NaN/Inf are rejections with a reason."""
+    if kind not in _TABLES:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return _reject(f"not tensors: {type(a).__name__} and {type(b).__name__}")
+    if a.shape != b.shape:
+        return _reject(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    for name, t in (("first", a), ("second", b)):
+        if not t.dtype.is_floating_point:
+            return _reject(f"{name} tensor is not floating point: {t.dtype}")
+    for name, t in (("first", a), ("second", b)):
+        if not math.isfinite(_peak(t)):  # one pass; count only when rejecting
+            n = int((~torch.isfinite(t)).sum())
+            return _reject(f"{name} tensor has {n} NaN/Inf value{'s' if n > 1 else ''}")
+    if tolerance is None:
+        try:
+            tolerance = tolerance_for(a, b, kind)
+        except ValueError as e:
+            return _reject(str(e))
+    if a.numel() == 0:
+        return Verdict(True, "", 0.0, 0.0, 0.0)
+    err = token_errors(a, b, tolerance.outlier_channels, tolerance.scale_floor)
+    worst_rel, i_rel = (float(v) for v in err.rel_error.max(0))
+    worst_ratio, i_ratio = (float(v) for v in err.abs_ratio.max(0))
+    max_abs = float(err.max_abs.max())
+    n_tokens = err.rel_error.numel()
+    allowed = tolerance.outlier_tokens(n_tokens)
+    # NaN-safe: a NaN error is never "within".
+    n_over = n_tokens - int((err.rel_error <= tolerance.token_rel_error).sum())
+    reason = ""
+    if not worst_rel <= tolerance.token_cap:
+        where = _position(int(i_rel), tuple(a.shape))
+        reason = f"token {where} relative error {worst_rel:.3g} > {tolerance.token_cap:.3g}"
+    elif n_over > allowed:
+        where = _position(int(i_rel), tuple(a.shape))
+        reason = (
+            f"{n_over} of {n_tokens} tokens have relative error > {tolerance.token_rel_error:.3g}"
+            f" (allowed {allowed}); worst: token {where}, {worst_rel:.3g}"
+        )
+    elif not worst_ratio <= tolerance.max_abs_ratio:
+        where = _position(int(i_ratio), tuple(a.shape))
+        reason = (
+            f"token {where} max |a-b| is {worst_ratio:.3g}x the token RMS"
+            f" > {tolerance.max_abs_ratio:.3g}"
+        )
+    return Verdict(not reason, reason, worst_rel, max_abs, worst_ratio)
