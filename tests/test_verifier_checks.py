@@ -27,7 +27,11 @@ QUIET = CheckConfig(check_every=3600.0)  # the background loop stays idle; tests
 @pytest.fixture(scope="module")
 def swarm(tiny_model_dir: Path):
     swarm = LocalSwarm(tiny_model_dir)
-    swarm.honest = [swarm.start_server((0, 3)), swarm.start_server((3, 6))]
+    swarm.honest = [
+        swarm.start_server((0, 3)),
+        swarm.start_server((3, 6)),
+        swarm.start_server((1, 5), dtype=torch.bfloat16),  # honest, in lower precision
+    ]
     swarm.cheat = swarm.start_server(
         (0, 6), server_cls=adversarial_server_cls(Tamper("noise", amount=0.05, fraction=1.0))
     )
