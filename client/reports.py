@@ -18,6 +18,7 @@ from trustswarm.protocol.errors import ProtocolError
 from trustswarm.protocol.evidence import DisagreementReport
 from trustswarm.protocol.framing import raise_if_error, receive_message, write_frame
 from trustswarm.protocol.identity import parse_peer_id
+from trustswarm.protocol.transport import parse_peer_addr
 
 from .rpc import close_quietly, open_stream
 
@@ -43,9 +44,15 @@ async def send_report(
 ) -> ReportVerdict:
     """Send one report and wait for the verdict (the verifier recomputes: allow time).
 
-    The host must already know the verifier's address (connected, or in its peerstore).
+    `verifier_peer_id` is a peer id the host can already reach (connected, or in its
+    peerstore) or a full multiaddr (…/p2p/<peer id>), which is dialled first.
     Raises RemoteError when the verifier refuses the input (bad_request, too_large).
     """
+    if isinstance(verifier_peer_id, str) and "/p2p/" in verifier_peer_id:
+        info = parse_peer_addr(verifier_peer_id)
+        with trio.fail_after(timeout):
+            await host.connect(info)
+        verifier_peer_id = info.peer_id
     peer = verifier_peer_id if isinstance(verifier_peer_id, ID) else parse_peer_id(verifier_peer_id)
     data = report.to_bytes() if isinstance(report, DisagreementReport) else bytes(report)
     stream = await open_stream(host, peer, protocols.REPORT, timeout)
