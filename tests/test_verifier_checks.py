@@ -53,9 +53,15 @@ def verifier(swarm: LocalSwarm, tmp_path_factory: pytest.TempPathFactory):
     stop_verifier(swarm, running)
 
 
-def check(swarm, verifier, server, inference_share: float):
+SHARES = {"forward": (0.0, 0.0), "inference": (1.0, 0.0), "backward": (0.0, 1.0)}
+
+
+def check(swarm, verifier, server, kind: str):
     checker = verifier.verifier.checker
-    checker.config = dataclasses.replace(checker.config, inference_share=inference_share)
+    inference, backward = SHARES[kind]
+    checker.config = dataclasses.replace(
+        checker.config, inference_share=inference, backward_share=backward
+    )
     ann = verifier.verifier.view.servers[server.peer_id]
     return swarm.loop.run(checker.check, ann)
 
@@ -75,27 +81,27 @@ def test_challenges_are_real_hidden_states(verifier):
     torch.testing.assert_close(prefill.hidden, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("inference_share", [0.0, 1.0])
-def test_honest_servers_are_credited_after_comparison(swarm, verifier, inference_share):
+@pytest.mark.parametrize("kind", list(SHARES))
+def test_honest_servers_are_credited_after_comparison(swarm, verifier, kind):
     store = verifier.store
     model_id = verifier.verifier.model_id
     for server in swarm.honest:
         before = store.get(server.peer_id, model_id)
         passes = before.passes if before else 0
-        result = check(swarm, verifier, server, inference_share)
+        result = check(swarm, verifier, server, kind)
         assert result.outcome == PASS, result.detail
-        assert result.kind == ("inference" if inference_share else "forward")
+        assert result.kind == kind
         after = store.get(server.peer_id, model_id)
         assert (after.passes, after.failures, after.state) == (passes + 1, 0, "probation")
     rows = store.checks(swarm.honest[0].peer_id)
     assert rows and all(row.passed for row in rows)
 
 
-@pytest.mark.parametrize("inference_share", [0.0, 1.0])
-def test_tampering_server_is_banned_with_proof(swarm, verifier, inference_share):
+@pytest.mark.parametrize("kind", list(SHARES))
+def test_tampering_server_is_banned_with_proof(swarm, verifier, kind):
     store = verifier.store
     model_id = verifier.verifier.model_id
-    result = check(swarm, verifier, swarm.cheat, inference_share)
+    result = check(swarm, verifier, swarm.cheat, kind)
     assert result.outcome == FRAUD, result.detail
     rep = store.get(swarm.cheat.peer_id, model_id)
     assert rep.state == "banned" and rep.passes == 0 and rep.score == 0
@@ -109,7 +115,9 @@ def test_tampering_server_is_banned_with_proof(swarm, verifier, inference_share)
 
 
 def test_every_check_uses_a_fresh_identity(swarm, verifier):
-    results = [check(swarm, verifier, swarm.spy, share) for share in (0.0, 1.0, 1.0)]
+    results = [
+        check(swarm, verifier, swarm.spy, share) for share in ("forward", "inference", "backward")
+    ]
     assert all(r.outcome == PASS for r in results), [r.detail for r in results]
     seen = swarm.spy.server.ctx.seen
     probers = {r.prober for r in results}
@@ -119,6 +127,6 @@ def test_every_check_uses_a_fresh_identity(swarm, verifier):
 
 
 def test_a_server_that_declines_is_not_scored(swarm, verifier):
-    result = check(swarm, verifier, swarm.busy, 1.0)  # max_sessions=0: answers busy
+    result = check(swarm, verifier, swarm.busy, "inference")  # max_sessions=0: answers busy
     assert result.outcome == SKIPPED and "busy" in result.detail
     assert verifier.store.get(swarm.busy.peer_id, verifier.verifier.model_id) is None

@@ -68,6 +68,7 @@ class Challenge:
     end: int
     prompt: str
     steps: tuple[StepInput, ...]  # one for a forward pass; prefill + decode steps for a session
+    grad_outputs: torch.Tensor | None = None  # backward checks: dLoss/d(span output)
 
     @property
     def total_tokens(self) -> int:
@@ -156,6 +157,28 @@ class ChallengeFactory:
                 positions = positions[:, -1:] + 1
                 mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
         return Challenge(start, end, prompt, tuple(steps))
+
+    def make_backward(self, start: int, end: int) -> Challenge:
+        """A fine-tuning client's backward request for [start, end): the span's inputs and
+        the gradient of the next-token loss on the prompt w.r.t. the span's outputs,
+        computed with the reference weights (so its scale and structure are real)."""
+        challenge = self.make(start, end)
+        step = challenge.steps[0]
+        runner, num_blocks = self.runner, self.model_dir.num_blocks
+        ids = torch.tensor([self.tokens(challenge.prompt)], dtype=torch.long)
+        with torch.inference_mode():
+            h_end = runner.forward(step.hidden, step.positions, step.mask, start, end).float()
+            h_last = h_end
+            if end < num_blocks:
+                h_last = runner.forward(h_end, step.positions, step.mask, end, num_blocks).float()
+        with torch.enable_grad():
+            x = h_last.clone().requires_grad_(True)
+            logits = self.parts.lm_head(self.parts.norm(x)).float()
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+            (grad,) = torch.autograd.grad(loss, x)
+        if end < num_blocks:
+            grad = runner.backward(h_end, grad, step.positions, step.mask, end, num_blocks)
+        return Challenge(start, end, challenge.prompt, challenge.steps, grad.float().contiguous())
 
 
 def _load_tokenizer(model_dir: ModelDir):  # noqa: ANN202 - a transformers tokenizer or None

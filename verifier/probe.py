@@ -14,8 +14,10 @@ import secrets
 from collections.abc import Sequence
 
 import multiaddr
+import torch
 import trio
 from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import PeerInfo
 
 from trustswarm.client.rpc import SpanCall, checked_answer, close_quietly, open_stream
@@ -62,37 +64,70 @@ async def probe(
     await call_info(host, call.peer_id, timeout)
     if inference:
         exchanges = await _session(host, call, challenge, timeout, rng)
+    elif challenge.grad_outputs is not None:
+        exchanges = [await _backward(host, call, challenge, timeout)]
     else:
         exchanges = [await _forward(host, call, challenge, timeout)]
     return Evidence(tuple(exchanges))
 
 
 def _checked(
-    call: SpanCall, kind: str, raw: bytes, answer: Message, session_id: str = "", step: int = 0
+    call: SpanCall,
+    kind: str,
+    raw: bytes,
+    answer: Message,
+    session_id: str = "",
+    step: int = 0,
+    name: str = "hidden_states",
 ) -> None:
     """The client's checks. A signed answer of the wrong shape passes here: it is still
     a signed statement, and the judge's comparison turns it into proof."""
     raise_if_error(answer)  # RemoteError: the server declined; not evidence of anything
     try:
-        checked_answer(call, kind, raw, answer, "hidden_states", session_id, step)
+        checked_answer(call, kind, raw, answer, name, session_id, step)
     except (SignatureError, ProtocolError) as exc:
         raise InvalidAnswer(f"{kind} answer fails the client's checks: {exc}") from None
 
 
 async def _forward(host: IHost, call: SpanCall, challenge: Challenge, timeout: float):
     step = challenge.steps[0]
-    request = span_request(
-        call,
-        {"hidden_states": step.hidden, "position_ids": step.positions, "attention_mask": step.mask},
-    )
-    stream = await open_stream(host, call.peer_id, protocols.FORWARD, timeout)
+    tensors = {
+        "hidden_states": step.hidden,
+        "position_ids": step.positions,
+        "attention_mask": step.mask,
+    }
+    return await _one_shot(host, call, protocols.FORWARD, "forward", tensors, timeout)
+
+
+async def _backward(host: IHost, call: SpanCall, challenge: Challenge, timeout: float):
+    step = challenge.steps[0]
+    tensors = {
+        "hidden_states": step.hidden,
+        "grad_outputs": challenge.grad_outputs,
+        "position_ids": step.positions,
+        "attention_mask": step.mask,
+    }
+    return await _one_shot(host, call, protocols.BACKWARD, "backward", tensors, timeout)
+
+
+async def _one_shot(
+    host: IHost,
+    call: SpanCall,
+    protocol: TProtocol,
+    kind: str,
+    tensors: dict[str, torch.Tensor],
+    timeout: float,
+) -> SignedExchange:
+    request = span_request(call, tensors)
+    stream = await open_stream(host, call.peer_id, protocol, timeout)
     try:
         with trio.fail_after(timeout):
             raw = await send_message(stream, request)
             answer, raw_answer = await receive_message(stream)
     finally:
         await close_quietly(stream)
-    _checked(call, "forward", raw, answer)
+    name = "grad_inputs" if kind == "backward" else "hidden_states"
+    _checked(call, kind, raw, answer, name=name)
     return SignedExchange(raw, raw_answer)
 
 

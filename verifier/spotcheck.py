@@ -44,6 +44,7 @@ PASS, FAIL, FRAUD, SKIPPED = "pass", "fail", "fraud", "skipped"
 class CheckConfig:
     check_every: float = 1.0  # mean seconds between checks (exponential gaps)
     inference_share: float = 0.6  # share of checks that are multi-step inference sessions
+    backward_share: float = 0.15  # share that are backward passes (fine-tuning traffic)
     min_decode_steps: int = 2  # 1-token steps after the prefill, drawn uniformly
     max_decode_steps: int = 6
     sub_span_share: float = 0.25  # share of checks that ask a part of the server's span
@@ -55,14 +56,17 @@ class CheckConfig:
             raise ValueError("check_every must be positive")
         if not 0 <= self.min_decode_steps <= self.max_decode_steps:
             raise ValueError("need 0 <= min_decode_steps <= max_decode_steps")
-        if not (0 <= self.inference_share <= 1 and 0 <= self.sub_span_share <= 1):
+        shares = (self.inference_share, self.backward_share, self.sub_span_share)
+        if not all(0 <= s <= 1 for s in shares):
             raise ValueError("shares must lie in [0, 1]")
+        if self.inference_share + self.backward_share > 1:
+            raise ValueError("inference_share + backward_share must not exceed 1")
 
 
 @dataclass(frozen=True)
 class CheckResult:
     peer_id: str
-    kind: str  # "forward" | "inference"
+    kind: str  # "forward" | "inference" | "backward"
     start: int
     end: int
     outcome: str  # PASS | FAIL | FRAUD | SKIPPED
@@ -133,8 +137,10 @@ class SpotChecker:
     async def check(self, ann: Announcement) -> CheckResult:
         cfg = self.config
         began = time.monotonic()
-        inference = self.rng.random() < cfg.inference_share
-        kind = "inference" if inference else "forward"
+        draw = self.rng.random()
+        inference = draw < cfg.inference_share
+        backward = not inference and draw < cfg.inference_share + cfg.backward_share
+        kind = "inference" if inference else "backward" if backward else "forward"
         steps = self.rng.randint(cfg.min_decode_steps, cfg.max_decode_steps) if inference else 0
         start, end = self._span(ann)
         peer = ann.peer_id
@@ -147,7 +153,10 @@ class SpotChecker:
 
         self.in_flight.add(peer)
         try:
-            challenge = await self.compute(self.factory.make, start, end, steps)
+            if backward:
+                challenge = await self.compute(self.factory.make_backward, start, end)
+            else:
+                challenge = await self.compute(self.factory.make, start, end, steps)
             call = SpanCall(
                 ID.from_base58(peer), self.model_id, start, end, self.view.span_digest(start, end)
             )
