@@ -103,6 +103,7 @@ class DistributedModelForCausalLM(nn.Module):
         redundancy: int = 1,
         on_disagreement: Callable[[DisagreementReport], None] | None = None,
         local_reference: bool = False,
+        report_disagreements: bool = True,
     ) -> DistributedModelForCausalLM:
         """Join the swarm at `initial_peers` and run `model_dir`'s model through it.
 
@@ -112,6 +113,9 @@ class DistributedModelForCausalLM(nn.Module):
         kept in `trust_events` and passed to `on_disagreement`; outvoted servers are
         not used again by this client. local_reference=True: when replicas do not
         settle a dispute, recompute it with this directory's own block weights.
+        trusted_verifiers: peer ids or full multiaddrs of the verifiers whose reputation
+        records count; with report_disagreements, each DisagreementReport is sent to
+        them (a multiaddr lets the client dial a verifier it is not connected to).
         """
         check_tuning_options(tuning_mode, pre_seq_len)  # before anything starts
         check_redundancy(redundancy)
@@ -129,7 +133,11 @@ class DistributedModelForCausalLM(nn.Module):
             on_disagreement=on_disagreement,
         )
         swarm = SwarmClient(
-            make_host(identity, swarm_key), view, initial_peers, connect_timeout=connect_timeout
+            make_host(identity, swarm_key),
+            view,
+            initial_peers,
+            connect_timeout=connect_timeout,
+            report_to=list(trusted_verifiers) if report_disagreements else [],
         )
         loop = BackgroundLoop()
 

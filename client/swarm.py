@@ -31,6 +31,7 @@ from trustswarm.protocol.transport import connect_peers, parse_peer_addr, runnin
 from trustswarm.reputation.gossip import record_relay
 from trustswarm.reputation.records import REPUTATION_NAMESPACE, ReputationValidator
 
+from .reports import send_report
 from .routing import Hop, latency_route, throughput_route
 from .rpc import StreamPool
 from .trust import TrustFeed, TrustView
@@ -63,10 +64,12 @@ class SwarmView:
     # Disagreements seen by redundant calls, oldest first, with their evidence.
     trust_events: list[DisagreementReport] = field(default_factory=list)
     on_disagreement: Callable[[DisagreementReport], None] | None = None
+    outbox: list[DisagreementReport] = field(default_factory=list)  # for the verifiers
 
     def report_disagreement(self, report: DisagreementReport) -> None:
         """Ban the servers whose answers lost for the rest of this client's routing."""
         self.trust_events.append(report)
+        self.outbox.append(report)
         for peer in report.minority:
             self.banned_for_session.add(peer)
             log.warning(
@@ -143,6 +146,7 @@ class SwarmClient:
         initial_peers: Sequence[str],
         connect_timeout: float = 10.0,
         refresh_every: float = 30.0,
+        report_to: Sequence[str] = (),
     ) -> None:
         self.host = host
         self.view = view
@@ -152,6 +156,8 @@ class SwarmClient:
         self.refresh_every = refresh_every
         self.dht: KadDHT | None = None
         self.streams = StreamPool()  # idle forward/backward streams, reused
+        # Verifiers (peer ids or multiaddrs) that get every disagreement report.
+        self.report_to = list(report_to)
         self.dht_lookups = True
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -180,12 +186,29 @@ class SwarmClient:
                 if not self.view.servers:
                     raise SwarmError("the initial peers know no servers for this model")
                 task_status.started()
-                while True:
-                    await trio.sleep(self.refresh_every)
+                async with trio.open_nursery() as nursery:
+                    if self.report_to:
+                        nursery.start_soon(self._send_reports)
+                    while True:
+                        await trio.sleep(self.refresh_every)
+                        try:
+                            await self.refresh()
+                        except Exception as exc:  # keep the old view; try again later
+                            log.warning("refreshing the swarm view failed: %s", exc)
+
+    async def _send_reports(self, every: float = 0.5) -> None:
+        """Send each disagreement report to every verifier we report to (best effort:
+        a verifier that is down misses it; the evidence stays in `trust_events`)."""
+        while True:
+            await trio.sleep(every)
+            while self.view.outbox:
+                report = self.view.outbox.pop(0)
+                for verifier in self.report_to:
                     try:
-                        await self.refresh()
-                    except Exception as exc:  # keep the old view; try again later
-                        log.warning("refreshing the swarm view failed: %s", exc)
+                        verdict = await send_report(self.host, verifier, report)
+                        log.info("verifier %s: %s", verifier[-12:], verdict)
+                    except Exception as exc:
+                        log.warning("could not report to verifier %s: %s", verifier[-12:], exc)
 
     async def refresh(self) -> None:
         """Ask known peers (and the DHT) which servers exist; measure RTTs."""

@@ -21,6 +21,7 @@ import trio
 from libp2p.kad_dht.kad_dht import KadDHT
 
 from trustswarm.protocol.identity import parse_peer_id
+from trustswarm.protocol.transport import parse_peer_addr
 from trustswarm.reputation.records import SignedReputationRecord, record_key
 from trustswarm.reputation.score import BANNED, OK, PROBATION
 
@@ -178,6 +179,16 @@ class TrustFeed:
         return accepted
 
 
+def verifier_peer_id(entry: str) -> str:
+    """A trusted verifier is named by its peer id or by a full multiaddr (/p2p/<id>)."""
+    if "/p2p/" in entry:
+        try:
+            return str(parse_peer_addr(entry).peer_id)
+        except Exception:
+            raise ValueError(f"trusted verifier {entry[:80]!r} is not a multiaddr") from None
+    return entry
+
+
 def make_trust_view(
     trusted_verifiers: Iterable[str], min_reputation: float, model_id: str
 ) -> TrustView | None:
@@ -185,7 +196,7 @@ def make_trust_view(
     client then behaves exactly as without reputation). Raises ValueError on bad input."""
     if isinstance(trusted_verifiers, str):
         raise ValueError("trusted_verifiers must be a list of peer ids, not one string")
-    verifiers = [str(v) for v in trusted_verifiers]
+    verifiers = [verifier_peer_id(str(v)) for v in trusted_verifiers]
     if isinstance(min_reputation, bool) or not isinstance(min_reputation, int | float):
         raise ValueError(f"min_reputation must be a number in [0, 1], got {min_reputation!r}")
     if not 0.0 <= min_reputation <= 1.0:
