@@ -88,15 +88,19 @@ class Env:
         self.swarm.close()
 
 
-def learn(model: DistributedModelForCausalLM, peers: list[str], timeout: float = 20.0) -> None:
-    """Refresh the client's view until it knows every server in `peers`."""
+def learn(
+    model: DistributedModelForCausalLM, servers: list[RunningServer], timeout: float = 20.0
+) -> None:
+    """Make sure the client knows every server in `servers` (see `introduce`)."""
     deadline = time.monotonic() + timeout
     view = model.swarm.view
-    while not set(peers) <= set(view.servers):
+    while True:
+        missing = [s for s in servers if s.peer_id not in view.servers]
+        if not missing:
+            return
         if time.monotonic() > deadline:
-            missing = set(peers) - set(view.servers)
             raise RuntimeError(f"client did not learn {len(missing)} server(s) in {timeout} s")
-        model.run_async(model.swarm.refresh)
+        introduce(model, missing)
 
 
 def introduce(model: DistributedModelForCausalLM, servers: list[RunningServer]) -> None:

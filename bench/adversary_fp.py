@@ -39,9 +39,12 @@ class FalsePositives:
     disagreements: int = 0
     redundancy_seconds: float = 0.0
     redundancy_errors: list[str] = field(default_factory=list)
+    by_call_kind: dict[str, dict[str, int]] = field(default_factory=dict)
     disagreements_by_kind: dict[str, int] = field(default_factory=dict)
     disagreement_sides: dict[str, int] = field(default_factory=dict)  # "dtype in side" -> n
     penalised: list[str] = field(default_factory=list)  # honest servers with any penalty
+    penalised_by_verifier: list[str] = field(default_factory=list)
+    penalised_by_redundancy: list[str] = field(default_factory=list)  # outvoted in a vote
 
 
 def run(
@@ -82,13 +85,24 @@ def run(
             return original(*args, **kwargs)
 
         agreement.compare = counting
+        events: list = []
         try:
-            out.redundant_calls, events, out.redundancy_errors = _redundancy(
-                swarm, model_dir, redundancy_budget
-            )
+            for kind, inference in (("forward", False), ("inference", True)):
+                before = calls[0]
+                n, found, errors = _redundancy(swarm, model_dir, redundancy_budget / 2, inference)
+                out.by_call_kind[kind] = {
+                    "calls": n,
+                    "comparisons": calls[0] - before,
+                    "disagreements": len(found),
+                    "clients_out_of_servers": len(errors),
+                }
+                out.redundant_calls += n
+                out.redundancy_errors += errors
+                events += found
         finally:
             agreement.compare = original
         out.comparisons = calls[0]
+        out.redundancy_seconds = redundancy_budget
         out.disagreements = len(events)
         out.disagreements_by_kind = dict(Counter(e.kind for e in events))
         for event in events:
@@ -98,10 +112,14 @@ def run(
                 key = f"{dtype} in {side}"
                 out.disagreement_sides[key] = out.disagreement_sides.get(key, 0) + 1
         accused = {p for e in events for p in e.minority}
-        out.redundancy_seconds = redundancy_budget
         for peer in peers:
             rep = verifier.store.get(peer, v.model_id)
-            if peer in accused or (rep is not None and (rep.failures or rep.state == "banned")):
+            by_verifier = rep is not None and (rep.failures > 0 or rep.state == "banned")
+            if by_verifier:
+                out.penalised_by_verifier.append(peer)
+            if peer in accused:
+                out.penalised_by_redundancy.append(peer)
+            if by_verifier or peer in accused:
                 out.penalised.append(peer)
         return out
     finally:
@@ -110,14 +128,16 @@ def run(
         swarm.close()
 
 
-def _redundancy(swarm: LocalSwarm, model_dir: Path, budget: float) -> tuple[int, list, list]:
-    """Forward passes and generations with redundancy=3 until `budget` seconds are
+def _redundancy(
+    swarm: LocalSwarm, model_dir: Path, budget: float, inference: bool
+) -> tuple[int, list, list]:
+    """Forward passes (or generations) with redundancy=3 until `budget` seconds are
     used; returns (redundant calls, disagreement reports, errors). A client that runs
     out of servers (honest ones outvoted) is replaced by a fresh one."""
     calls = 0
     events: list = []
     errors: list[str] = []
-    gen = torch.Generator().manual_seed(9)
+    gen = torch.Generator().manual_seed(9 + inference)
     began = time.monotonic()
     i = 0
     while time.monotonic() - began < budget:
@@ -129,14 +149,14 @@ def _redundancy(swarm: LocalSwarm, model_dir: Path, budget: float) -> tuple[int,
                 while time.monotonic() - began < budget:
                     i += 1
                     ids = torch.randint(3, 512, (1 + i % 2, 4 + i % 13), generator=gen)
-                    if i % 2:
-                        with torch.no_grad():
-                            model(input_ids=ids)
-                        calls += 1  # one span: the replicas all serve blocks 0:6
-                    else:
+                    if inference:
                         new = 8
                         model.generate(ids, max_new_tokens=new, eos_token_id=[])
                         calls += new  # one redundant step per token
+                    else:
+                        with torch.no_grad():
+                            model(input_ids=ids)
+                        calls += 1  # one span: the replicas all serve blocks 0:6
             except Exception as exc:
                 errors.append(f"{type(exc).__name__}: {exc}"[:200])
             events.extend(model.trust_events)

@@ -24,6 +24,7 @@ import torch
 
 from bench.adversary_env import FIRST, Env, generate_all, learn, prefer
 from tests.adversary import Tamper, adversarial_server_cls
+from tests.swarm import RunningServer
 from tests.verifier_env import RunningVerifier
 from trustswarm.client import DistributedModelForCausalLM
 
@@ -97,13 +98,14 @@ def _watch(predicate, began: float, stop: threading.Event) -> list[float]:  # no
 def verifier_phase(
     env: Env,
     verifier: RunningVerifier,
-    adversary_peer: str,
+    adversary: RunningServer,
     began: float,
     timeout: float,
     model: DistributedModelForCausalLM | None = None,
 ) -> VerifierResult:
     """`model`: a client with redundancy=1 trusting `verifier` (made if None).
     A timeout <= 0 skips this phase."""
+    adversary_peer = adversary.peer_id
     result = VerifierResult()
     if timeout <= 0:
         return result
@@ -111,7 +113,7 @@ def verifier_phase(
     if model is None:
         model = env.client(1, trusted_verifiers=[verifier.peer_id])
     try:
-        learn(model, [adversary_peer])
+        learn(model, [adversary])
         trust = model.swarm.view.trust
         stop = threading.Event()
         excluded = _watch(lambda: not trust.allowed(adversary_peer), began, stop)
@@ -136,10 +138,11 @@ def verifier_phase(
 
 
 def redundancy_phase(
-    env: Env, adversary_peer: str, model: DistributedModelForCausalLM, prompts: int = 1
+    env: Env, adversary: RunningServer, model: DistributedModelForCausalLM, prompts: int = 1
 ) -> RedundancyResult:
     """`model`: a client with redundancy k that trusts no verifier (reused across attacks:
     only the reports about this adversary's run count)."""
+    adversary_peer = adversary.peer_id
     result = RedundancyResult(model.redundancy)
     began = [0.0]
     view = model.swarm.view
@@ -151,7 +154,7 @@ def redundancy_phase(
     view.on_disagreement = on_disagreement
     seen = len(view.trust_events)
     try:
-        learn(model, [adversary_peer])
+        learn(model, [adversary])
         began[0] = time.monotonic()
         result.wrong, result.tokens, result.failed = generate_all(
             model, env.prompts.first(prompts), lambda: prefer(model, adversary_peer)
@@ -183,12 +186,12 @@ def run_attack(
         row = AttackRow(
             name,
             dict(asdict(tamper)),
-            verifier_phase(env, verifier, adversary.peer_id, began, verifier_timeout, trusting),
+            verifier_phase(env, verifier, adversary, began, verifier_timeout, trusting),
         )
         row.phase_seconds["verifier"] = time.monotonic() - began
         for k, model in sorted(clients.items()):
             t = time.monotonic()
-            row.redundancy[k] = redundancy_phase(env, adversary.peer_id, model)
+            row.redundancy[k] = redundancy_phase(env, adversary, model)
             row.phase_seconds[f"k={k}"] = time.monotonic() - t
         row.tampered_answers = adversary.server.tampered
         return row

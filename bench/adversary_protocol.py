@@ -75,8 +75,8 @@ def signing_attack(
     server = env.swarm.start_server(FIRST, server_cls=forging_server_cls(mode))
     began = time.monotonic()
     try:
-        vres = verifier_phase(env, verifier, server.peer_id, began, verifier_timeout)
-        learn(client, [server.peer_id])
+        vres = verifier_phase(env, verifier, server, began, verifier_timeout)
+        learn(client, [server])
         wrong, tokens, failed = generate_all(
             client, env.prompts, lambda: prefer(client, server.peer_id)
         )
@@ -190,7 +190,7 @@ def announcement_attack(env: Env, verifier: RunningVerifier) -> ProtocolRow:
         with DistributedModelForCausalLM.from_pretrained(
             env.model_dir, env.swarm.initial_peers
         ) as client:
-            learn(client, [victim.peer_id])
+            learn(client, [victim])
             seen = client.swarm.view.servers[victim.peer_id]
             kept = set(seen.addrs) == set(genuine.addrs)
         return ProtocolRow(
@@ -353,7 +353,7 @@ def sybil_flood(
     client = env.client(1, trusted_verifiers=[verifier.peer_id])
     sybils = []
     try:
-        learn(client, honest)
+        learn(client, env.honest)
         wait_for(lambda: all(client.swarm.view.trust.state(p) == "ok" for p in honest), 30)
         began = time.monotonic()
         for i in range(count):
@@ -388,41 +388,67 @@ def sybil_flood(
                 (r := verifier.store.get(p, v.model_id)) is not None and r.state == "banned"
                 for p in sybil_ids
             ),
-            max(0.0, ban_wait - (time.monotonic() - began)),
+            max(0.0, ban_wait - (time.monotonic() - flooded)),
         )
         banned = sum(
             (r := verifier.store.get(p, v.model_id)) is not None and r.state == "banned"
             for p in sybil_ids
         )
+
+        # Once the client holds the bans: no route may touch a banned Sybil.
+        def n_excluded() -> int:
+            return sum(not view.trust.allowed(p) for p in sybil_ids)
+
+        wait_for(lambda: n_excluded() >= banned, 10)
+        by_gossip = n_excluded()
+        if by_gossip < banned:  # gossip is best effort; the periodic refresh reads the DHT
+            client.run_async(client.swarm.refresh)
+            wait_for(lambda: n_excluded() >= banned, 10)
+        excluded = {p for p in sybil_ids if not view.trust.allowed(p)}
+        after = [h.server.peer_id for _ in range(20) for h in view.inference_route(0, 6)]
+        after += [h.server.peer_id for _ in range(20) for h in view.forward_route(0, 6)]
+        after_hits = sum(p in excluded for p in after)
+        w, t, _ = generate_all(client, one)
         ok = sybil_routes == 0 and served_inference == 0 and wrong == 0
         return ProtocolRow(
             f"Sybil flood: {count} new identities announce blocks 0:3 at once",
             ok,
             f"honest servers established (verifier state ok) after "
-            f"{established if established is not None else 'timeout'} s; {count} cheating "
-            f"Sybils boasting 100x speed started in {started:.1f} s ({learned} known to the "
-            f"client); inference routes "
-            f"(latency, probation penalty) through a Sybil: {sybil_routes}/{routes}; Sybils "
-            f"that served the client's generations: {served_inference}; plain forward routes "
-            f"(throughput x reputation weight) through a Sybil: {hits}/{forwards}; Sybils "
-            f"banned by the verifier: {banned}/{count}"
-            + (f" (all within {banned_all + 0:.0f} s of the wait)" if banned_all else ""),
+            f"{_secs(established)} s; {count} cheating Sybils (5 % noise) boasting 100x speed "
+            f"started in {started:.1f} s ({learned} known to the client). While on "
+            f"probation: inference routes (latency + probation penalty) through a Sybil: "
+            f"{sybil_routes}/{routes}, Sybils that served the client's generations: "
+            f"{served_inference}/{count}; plain forward routes (throughput x reputation "
+            f"weight) through a Sybil: {hits}/{forwards}. Banned by the verifier: "
+            f"{banned}/{count} within {_secs(banned_all)} s of the flood; bans held by the "
+            f"client: {by_gossip} over gossip within 10 s, {len(excluded)} after one refresh "
+            f"(DHT); then routes through a banned Sybil {after_hits}/40, wrong "
+            f"tokens {w}/{t}",
             wrong,
             tokens,
             extra={
                 "inference_routes": routes,
                 "inference_routes_via_sybil": sybil_routes,
+                "sybils_served_client": served_inference,
                 "forward_routes": forwards,
                 "forward_routes_via_sybil": hits,
                 "sybils_banned": banned,
                 "sybils_known": learned,
                 "established_after": established,
+                "excluded_by_client": len(excluded),
+                "excluded_by_gossip": by_gossip,
+                "routes_after_bans_via_banned": after_hits,
+                "wrong_after_bans": w,
             },
         )
     finally:
         client.close()
         for s in sybils:
             env.swarm.kill(s)
+
+
+def _secs(value: float | None) -> str:
+    return "timeout" if value is None else f"{value:.1f}"
 
 
 # -- false fraud report ----------------------------------------------------------------
@@ -461,7 +487,7 @@ def false_report(env: Env, verifier: RunningVerifier) -> ProtocolRow:
     with DistributedModelForCausalLM.from_pretrained(
         env.model_dir, env.swarm.initial_peers, trusted_verifiers=[verifier.peer_id]
     ) as client:
-        learn(client, [victim.peer_id])
+        learn(client, [victim])
         time.sleep(1.0)
         allowed = client.swarm.view.trust.allowed(victim.peer_id)
     return ProtocolRow(

@@ -142,12 +142,20 @@ def write(
             f"(forward passes and decode steps), **{fp.comparisons}** comparator "
             f"comparisons in {fp.redundancy_seconds:.0f} s; disagreements: "
             f"**{fp.disagreements}**.",
+            *[
+                f"  - {kind}: {v['calls']} calls, {v['comparisons']} comparisons, "
+                f"{v['disagreements']} disagreements, {v['clients_out_of_servers']} clients "
+                "ran out of servers"
+                for kind, v in fp.by_call_kind.items()
+            ],
             f"- Disagreements by kind: {fp.disagreements_by_kind or 'none'}; answers by "
             f"dtype and side of the vote: {fp.disagreement_sides or 'none'}; clients that "
             f"ran out of servers (honest ones outvoted) and were replaced: "
             f"{len(fp.redundancy_errors)}.",
             f"- **Honest servers penalised: {len(fp.penalised)}** of {len(fp.servers)} "
-            "(goal 0; penalised = failed a spot-check, banned, or outvoted in a vote).",
+            "(goal 0; penalised = failed a spot-check, banned, or outvoted in a vote): "
+            f"{len(fp.penalised_by_verifier)} by the verifier, "
+            f"{len(fp.penalised_by_redundancy)} by redundancy votes.",
             f"- The issue asks for 1,000 checks and comparisons; this run did {fp.checks} "
             f"checks and {fp.comparisons} comparisons within its time budget "
             f"(`--fp-seconds`).",
