@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.adversary_fp import FalsePositives
-from bench.adversary_output import AttackRow
+from bench.adversary_output import AttackRow, RedundancyResult, VerifierResult
 from bench.adversary_protocol import ProtocolRow
 
 CALIBRATION = Path(__file__).parent / "results" / "calibration.md"
@@ -47,7 +47,15 @@ def attack_table(rows: list[AttackRow]) -> list[str]:
             f"| {row.attack} | {_red(row, 2)} | {_red(row, 3)} | "
             f"{'**yes**' if v.detected else 'no'}{' (banned)' if v.banned else ''} "
             f"| {_secs(v.seconds)} | "
-            + " | ".join(_wrong(r[k].wrong, r[k].tokens) if k in r else "—" for k in (1, 2, 3))
+            + " | ".join(
+                (
+                    _wrong(r[k].wrong, r[k].tokens)
+                    + (f" ({r[k].failed} gen. failed)" if r[k].failed else "")
+                )
+                if k in r
+                else "—"
+                for k in (1, 2, 3)
+            )
             + f" | {_wrong(v.wrong, v.tokens)} |"
         )
     return lines
@@ -235,3 +243,22 @@ def notes(meta: dict, attacks: list[AttackRow]) -> list[str]:
         "(the comparator calibration covers those); network-level attacks (Noise "
         "transport is assumed).",
     ]
+
+
+def render(json_path: Path, out_dir: Path) -> Path:
+    """Write adversary.md again from an adversary.json (after editing this module)."""
+    data = json.loads(json_path.read_text())
+    attacks = [
+        AttackRow(
+            a["attack"],
+            a["tamper"],
+            VerifierResult(**a["verifier"]),
+            {int(k): RedundancyResult(**r) for k, r in a["redundancy"].items()},
+            a["tampered_answers"],
+            a.get("phase_seconds", {}),
+        )
+        for a in data["attacks"]
+    ]
+    protocol = [ProtocolRow(**p) for p in data["protocol"]]
+    fp = FalsePositives(**data["false_positives"]) if data["false_positives"] else None
+    return write(out_dir, data["meta"], attacks, protocol, fp)

@@ -44,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated attack name fragments")
     parser.add_argument("--skip-fp", action="store_true")
     parser.add_argument("--skip-protocol", action="store_true")
+    parser.add_argument("--render", type=Path, help="only rewrite the .md from this .json")
     args = parser.parse_args(argv)
+    if args.render:
+        from bench.adversary_report import render
+
+        print(f"[adversary] wrote {render(args.render, args.out)}")
+        return 0
     logging.basicConfig(level=logging.ERROR)
     logging.disable(logging.WARNING)  # libp2p and our own warnings about the attackers
 
