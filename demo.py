@@ -101,13 +101,7 @@ def main() -> int:
         honest = run_client(args.model_dir, addrs, args.prompt, args.max_new_tokens)
         tell_trust_story(args, work, addrs, cheater, procs, honest)
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)
     return 0
 
 
@@ -137,6 +131,19 @@ def run_client(model_dir: Path, addrs: list[str], prompt: str, max_new_tokens: i
         )
         del torch
         return answer
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout: float = 15) -> None:
+    """SIGTERM each process (nodes exit cleanly on it), then kill what is still running."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def start_process(cmd: list[str], log_path: Path) -> subprocess.Popen:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.relay import RelayProcess
+from trustswarm.demo import stop_processes
 
 PY = [sys.executable, "-m", "trustswarm"]
 LOOPBACK = "127.0.0.1"
@@ -47,18 +48,6 @@ def _first_addr(proc: subprocess.Popen, what: str, log: Path, timeout: float = 3
             break
     proc.kill()
     raise RuntimeError(f"{what} failed to start; see {log}")
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass
@@ -153,7 +142,7 @@ class Servers:
 
     def stop_verifier(self) -> None:
         if self.verifier is not None:
-            _stop([self.verifier])
+            stop_processes([self.verifier], timeout=20)
             self.verifier = None
 
     def verifier_summary(self) -> str:
@@ -173,7 +162,7 @@ class Servers:
         return pids + ([self.relay.proc.pid] if self.relay and self.relay.proc else [])
 
     def __exit__(self, *exc: object) -> None:
-        _stop(self.procs + ([self.verifier] if self.verifier else []))
+        stop_processes(self.procs + ([self.verifier] if self.verifier else []), timeout=20)
         self.verifier = None
         if self.relay is not None:
             self.relay.__exit__()
@@ -182,7 +171,7 @@ class Servers:
 def stop_all(groups: list[Servers]) -> None:
     """Stop several swarms at once (SIGTERM to all, then wait)."""
     procs = [p for g in groups for p in g.procs + ([g.verifier] if g.verifier else [])]
-    _stop(procs)
+    stop_processes(procs, timeout=20)
     for group in groups:
         group.verifier = None
         if group.relay is not None:
@@ -264,4 +253,4 @@ class ClientWorkers:
                     proc.stdin.close()  # EOF: the worker closes its client and exits
                 except OSError:
                     pass
-        _stop(self.procs)
+        stop_processes(self.procs, timeout=20)

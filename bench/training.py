@@ -63,7 +63,7 @@ def start_swarm(model_dir: Path, work: Path) -> tuple[list[subprocess.Popen], li
 
 
 def main() -> int:
-    from trustswarm.demo import DEFAULT_MODEL_DIR, ensure_model
+    from trustswarm.demo import DEFAULT_MODEL_DIR, ensure_model, stop_processes
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
@@ -166,13 +166,7 @@ def main() -> int:
                 f"{row['foreign']:.2f} |"
             )
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)
     return 0
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from trustswarm.demo import DEFAULT_MODEL_DIR, ensure_model, start_node
+from trustswarm.demo import DEFAULT_MODEL_DIR, ensure_model, start_node, stop_processes
 
 ANIMALS = ["cat", "dog", "cow", "duck", "owl", "frog", "sheep", "horse", "goat", "lion"]
 SOUNDS = ["meow", "woof", "moo", "quack", "hoot", "croak", "baa", "neigh", "bleat", "roar"]
@@ -126,13 +126,7 @@ def main() -> int:
             print(f"server {i}: blocks {blocks:>5}  {addr}", flush=True)
         train(model_dir, addrs, args)
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)
     return 0
 
 
