@@ -19,13 +19,15 @@ compared with both honest answers (float32 and bfloat16) under the loosest toler
     .venv/bin/python bench/calibrate.py                      # ~300 prompts
     .venv/bin/python bench/calibrate.py --prompts 40 --out /tmp/cal   # quick look
 
-Writes bench/results/calibration.md and calibration.json (raw per-case numbers).
+Writes bench/results/calibration.md and calibration.json.gz (raw per-case numbers);
+`--report-only` rewrites the markdown from them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import json
 import os
 import random
@@ -52,6 +54,7 @@ from trustswarm.models.runner import BlockRunner  # noqa: E402
 from trustswarm.models.store import ModelDir  # noqa: E402
 from trustswarm.protocol.comparator import token_errors  # noqa: E402
 
+RAW_FILE = "calibration.json.gz"
 SPANS = [(0, 10), (10, 20), (20, 30), (0, 1), (9, 10), (20, 21), (29, 30)]
 KS = (0, 1, 2, 4, 8)  # outlier_channels settings measured
 TOP_K, TOP_N = 4, 8  # for k = TOP_K, the TOP_N largest token errors of each prompt
@@ -306,7 +309,7 @@ def main() -> None:
     )
     args = p.parse_args()
     if args.report_only:
-        data = json.loads((args.out / "calibration.json").read_text())
+        data = json.loads(gzip.decompress((args.out / RAW_FILE).read_bytes()))
         print(write_report(data["rows"], data["meta"], args.out / "calibration.md"))
         return
 
@@ -361,6 +364,13 @@ def main() -> None:
     print(text)
 
 
+def _round(x):
+    """4 significant digits: plenty for errors, and the raw file stays small."""
+    if isinstance(x, float):
+        return float(f"{x:.4g}")
+    return [_round(v) for v in x] if isinstance(x, list) else x
+
+
 def save(args, cal: Calibration, prompts, grad_prompts: int, t0: float) -> str:
     kinds = [k for k, _ in prompts]
     meta = {
@@ -377,7 +387,9 @@ def save(args, cal: Calibration, prompts, grad_prompts: int, t0: float) -> str:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "argv": sys.argv[1:],
     }
-    (args.out / "calibration.json").write_text(json.dumps({"meta": meta, "rows": cal.rec.rows}))
+    rows = [{k: _round(v) for k, v in row.items()} for row in cal.rec.rows]
+    raw = json.dumps({"meta": meta, "rows": rows}, separators=(",", ":"))
+    (args.out / RAW_FILE).write_bytes(gzip.compress(raw.encode(), mtime=0))
     return write_report(cal.rec.rows, meta, args.out / "calibration.md")
 
 

@@ -33,13 +33,24 @@ HONEST_DTYPE = {
     "fp32 batched vs alone": "float32",
     "fp32 span vs chained": "float32",
 }
-# The margin rule: the threshold sits at the geometric mean of the worst honest pair and
-# the mildest required cheat (equal ratio margin on both sides), and the max-abs guard at
-# GUARD_MARGIN x the worst honest ratio.
+# The margin rule: the threshold sits at the geometric mean of the honest pairs' 99th
+# percentile and the mildest required cheat (equal ratio margin on both sides); if the two
+# overlap, at NO_SEPARATION_MARGIN x the worst honest pair (honest servers are never
+# rejected; the cheats below it are listed as not detected). Outlier tokens and the
+# max-abs guard sit at GUARD_MARGIN x the worst honest value.
+HONEST_QUANTILE = 0.99
+NO_SEPARATION_MARGIN = 1.25
 GUARD_MARGIN = 2.0
-# float32 servers: at least this (kernels, BLAS and GPUs we could not measure differ more
-# than two CPU runs), and at most a tenth of the mildest cheat.
-FP32_FLOOR = 1e-3
+# float32 servers: FP32_MARGIN x the worst measured float32 pair, up to a power of ten, and
+# at least FP32_FLOOR (kernels, BLAS and GPUs we could not measure differ more than two
+# CPU runs). Far below every cheat, including a skipped block that moves the output by
+# only 0.08 % (a near-identity block on degenerate input).
+FP32_MARGIN = 100.0
+FP32_FLOOR = 1e-4
+# The tight threshold is set against the 5 % perturbations of the answer itself; the
+# structural cheats (skipped block, other weights, 4-bit) are reported as measured: on
+# degenerate inputs a block can move the output by less than bfloat16 rounding.
+PERTURBATIONS = ("noise 5% tensor RMS", "noise 5% token RMS", "scale x1.05")
 
 
 def _sig2(x: float, up: bool) -> float:
@@ -69,7 +80,7 @@ def propose(rows: list[dict], kind: str, k: int, frac: float | None = None) -> d
     key = f"rel_k{k}"
     honest = _rows(rows, kind, HONEST_LOOSE)
     fp32 = _rows(rows, kind, HONEST_FP32)
-    cheats = _rows(rows, kind, REQUIRED)
+    cheats = _rows(rows, kind, PERTURBATIONS)
     if not honest or not cheats:
         return {}
     stat = (lambda r: r[key]) if frac is None else (lambda r: beyond_allowance(r, frac))
@@ -77,7 +88,12 @@ def propose(rows: list[dict], kind: str, k: int, frac: float | None = None) -> d
     c = min(cheats, key=stat)
     h32 = max((r[key] for r in fp32), default=0.0)
     hv, cv = stat(h), stat(c)
-    tol = _sig2(math.sqrt(hv * cv), up=False)
+    ranked = sorted(stat(r) for r in honest)
+    p99 = ranked[int(HONEST_QUANTILE * (len(ranked) - 1))]
+    if cv > p99:  # separable: the geometric mean of the honest quantile and the mildest cheat
+        tol = _sig2(math.sqrt(p99 * cv), up=False)
+    else:  # not separable: accept every measured honest pair, with a margin
+        tol = _sig2(NO_SEPARATION_MARGIN * hv, up=True)
     ratio = max(r["ratio"] for r in honest)
     ratio32 = max((r["ratio"] for r in fp32), default=0.0)
     cap = max(r[key] for r in honest)
@@ -88,13 +104,19 @@ def propose(rows: list[dict], kind: str, k: int, frac: float | None = None) -> d
         "mildest_cheat": cv,
         "mildest_cheat_case": f"{c['case']} vs {c['ref']}, span {c['span']}, prompt {c['prompt']}",
         "margin": cv / hv if hv > 0 else math.inf,
+        "honest_quantile": p99,
+        "margin_quantile": cv / p99 if p99 > 0 else math.inf,
+        "honest_over": sum(1 for v in ranked if v > tol),
+        "honest_n": len(ranked),
         "token_rel_error": tol,
         "worst_honest_any_token": cap,
         "outlier_token_error": _sig2(GUARD_MARGIN * cap, up=True),
         "max_abs_ratio": _sig2(GUARD_MARGIN * ratio, up=True),
         "worst_honest_ratio": ratio,
         "fp32_worst_honest": h32,
-        "fp32_token_rel_error": min(max(FP32_FLOOR, _sig2(10 * h32, up=True)), cv / 10),
+        "fp32_token_rel_error": max(FP32_FLOOR, 10 ** math.ceil(math.log10(FP32_MARGIN * h32)))
+        if h32 > 0
+        else FP32_FLOOR,
         "fp32_worst_honest_ratio": ratio32,
     }
 
@@ -183,6 +205,29 @@ def span_table(rows: list[dict], kind: str, k: int) -> list[str]:
     return out
 
 
+def undetected_table(rows: list[dict], kind: str) -> list[str]:
+    """How often each cheat passes: against each honest answer with the loosest committed
+    tolerance (the cheater claims bfloat16), and against float32 when both send float32."""
+    table = TABLES[kind]
+    loosest = table["bfloat16"].loosest(table["float16"])
+    out = [
+        "| cheat | passes vs honest float32 (bf16 tolerance) | passes vs honest bfloat16"
+        " | passes when both send float32 (float32 tolerance) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for case in REQUIRED + REPORTED:
+        cells = []
+        for ref, tol in (("fp32", loosest), ("bf16", loosest), ("fp32", table["float32"])):
+            sel = _rows(rows, kind, (case,), (ref,))
+            if not sel:
+                cells.append("-")
+                continue
+            n = sum(not rejected(r, tol) for r in sel)
+            cells.append(f"{n}/{len(sel)} ({100 * n / len(sel):.0f}%)")
+        out.append(f"| {case} | " + " | ".join(cells) + " |")
+    return out
+
+
 def write_report(rows: list[dict], meta: dict, path: Path) -> str:
     ks = sorted(int(k[5:]) for k in rows[0] if re.fullmatch(r"rel_k\d+", k))
     lines = [
@@ -193,7 +238,7 @@ def write_report(rows: list[dict], meta: dict, path: Path) -> str:
         f"{meta['tokens'][1]} tokens (mean {meta['mean_tokens']:.0f}), backward on"
         f" {meta['grad_prompts']} of them; spans {', '.join(meta['spans'])};"
         f" {meta['seconds']:.0f} s with {meta['threads']} torch threads on a shared 2-core VM"
-        f" (torch {meta['torch']}). Raw numbers: `calibration.json`.",
+        f" (torch {meta['torch']}). Raw numbers: `calibration.json.gz`.",
         "",
         "Errors are the comparator's own measures (`protocol/comparator.py`): per token,"
         " relative L2 error over the token's channels with the k most-different channels left"
@@ -216,9 +261,11 @@ def write_report(rows: list[dict], meta: dict, path: Path) -> str:
         lines += [
             f"With k = {k} and up to ceil({frac:.3g} x tokens) outlier tokens (committed):"
             f" worst honest pair {_fmt(p['worst_honest'])} ({p['worst_honest_case']});"
-            f" mildest required cheat {_fmt(p['mildest_cheat'])} ({p['mildest_cheat_case']});"
-            f" **margin {p['margin']:.2f}x**. The margin rule (geometric mean, then 2"
-            f" significant digits down) gives token_rel_error {p['token_rel_error']:.3g};"
+            f" mildest 5 % perturbation {_fmt(p['mildest_cheat'])} ({p['mildest_cheat_case']});"
+            f" **margin {p['margin']:.2f}x** ({p['margin_quantile']:.2f}x over the honest 99th"
+            f" percentile, {_fmt(p['honest_quantile'])}). The margin rule (see"
+            f" `calibration_report.py`) gives token_rel_error {p['token_rel_error']:.3g}"
+            f" ({p['honest_over']} of {p['honest_n']} honest cases above it);"
             f" outlier tokens are capped at 2x the worst honest token"
             f" ({_fmt(p['worst_honest_any_token'])}): {p['outlier_token_error']:.3g};"
             f" max_abs_ratio {p['max_abs_ratio']:.3g} (2x the worst honest"
@@ -239,7 +286,21 @@ def write_report(rows: list[dict], meta: dict, path: Path) -> str:
             "",
             *span_table(rows, kind, k),
             "",
+            "What passes undetected (the cheat's answer accepted as agreeing):",
+            "",
+            *undetected_table(rows, kind),
+            "",
         ]
+    lines += [
+        "## Reading",
+        "",
+        "The 'What passes undetected' tables are the honest answer to what a bfloat16 peer"
+        " cannot tell apart from its own rounding (1 % scaling or noise, int8 weights; and in"
+        " gradients even 5 % changes and often 4-bit weights); between float32 answers every"
+        " cheat measured here is rejected. Interpretation of this run: bench/README.md,"
+        " section `bench/calibrate.py`.",
+        "",
+    ]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text

@@ -13,6 +13,13 @@ float32, with two tests:
   activations (RMS ~100x the other tokens) is measured against its own size and neither
   hides nor swamps the others. A ×(1+x) scaling of a token reads as ~x, noise at x of the
   token's RMS reads as ~x.
+* **outlier tokens**: up to ``ceil(outlier_token_fraction x tokens)`` tokens (at least
+  one) may exceed ``token_rel_error`` as long as they stay within ``outlier_token_error``.
+  On real prompts honest bfloat16 has isolated tokens (a second sink token, a token where
+  a large activation is cancelled) at 5-8 % forward and far more in gradients, while every
+  other token agrees to ~2 %; a cheat that changes the whole answer by 5 % moves every
+  token. The cost: a cheat confined to one token in 32 (or to a 1-token decode step)
+  is only held to ``outlier_token_error``.
 * **max-abs guard**: ``max_i |a_ti - b_ti| / rms_t`` (full-token quadratic-mean RMS), so
   the left-out channels are still bounded.
 
@@ -114,16 +121,20 @@ class Verdict:
         return self.agree
 
 
-# Calibrated by bench/calibrate.py (see bench/results/calibration.md for the margins).
+# Calibrated by bench/calibrate.py on SmolLM2-135M (232 prompts forward, 21 backward; the
+# rule and margins are in bench/results/calibration.md). float16 was measured forward only
+# (<= 0.5 %) and takes the bfloat16 values.
+_FWD_BF16 = Tolerance(token_rel_error=0.029, max_abs_ratio=9.2, outlier_token_error=0.16)
+_GRAD_BF16 = Tolerance(token_rel_error=0.18, max_abs_ratio=4.8, outlier_token_error=0.44)
 FORWARD_TOLERANCES: dict[str, Tolerance] = {
-    "float32": Tolerance(token_rel_error=1e-3, max_abs_ratio=0.05),
-    "bfloat16": Tolerance(token_rel_error=0.035, max_abs_ratio=8.0, outlier_token_error=0.16),
-    "float16": Tolerance(token_rel_error=0.035, max_abs_ratio=8.0, outlier_token_error=0.16),
+    "float32": Tolerance(token_rel_error=1e-4, max_abs_ratio=2e-3),
+    "bfloat16": _FWD_BF16,
+    "float16": _FWD_BF16,
 }
 GRADIENT_TOLERANCES: dict[str, Tolerance] = {
-    "float32": Tolerance(token_rel_error=1e-3, max_abs_ratio=0.05),
-    "bfloat16": Tolerance(token_rel_error=0.035, max_abs_ratio=8.0, outlier_token_error=0.5),
-    "float16": Tolerance(token_rel_error=0.035, max_abs_ratio=8.0, outlier_token_error=0.5),
+    "float32": Tolerance(token_rel_error=1e-4, max_abs_ratio=2e-3),
+    "bfloat16": _GRAD_BF16,
+    "float16": _GRAD_BF16,
 }
 _TABLES = {"hidden": FORWARD_TOLERANCES, "grad": GRADIENT_TOLERANCES}
 # Wire dtypes outside the table compare like the nearest one (float64 is at least as exact).

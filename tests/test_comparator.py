@@ -136,18 +136,23 @@ def test_rejects_non_float_and_non_tensors():
 @FAST
 @given(activations(min_hidden=256, max_hidden=600), st.integers(0, 2**31 - 1))
 def test_rejects_five_percent_scaling_and_noise(a, seed):
-    """5 % of every token, as a scaling or as Gaussian noise, is rejected even by the loosest
-    committed tolerance (and so by the float32 ones) as soon as there are 2 tokens (one
-    token alone may be an allowed outlier token, see test_outlier_tokens)."""
-    cheats = {"scale": a * 1.05, "noise": a + 0.05 * token_rms(a) * noise_like(a, seed)}
+    """5 % of every token, as a scaling or as Gaussian noise, is rejected by every forward
+    tolerance and by the float32 gradient one, as soon as there are 2 tokens (one token alone
+    may be an allowed outlier token, see test_outlier_tokens). bfloat16 gradients are
+    inexact (honest pairs differ by up to ~14 %): there it takes 30 %."""
     n_tokens = a.shape[0] * a.shape[1]
-    for name, b in cheats.items():
-        for tol in [*ALL_TOLERANCES, *LOOSEST.values()]:
-            if n_tokens <= tol.outlier_tokens(n_tokens):
-                continue
-            v = compare(a, b, tolerance=tol)
-            assert not v, (name, tol, v)
-            assert "relative error" in v.reason
+    for frac, tols in (
+        (0.05, [*FORWARD_TOLERANCES.values(), GRADIENT_TOLERANCES["float32"]]),
+        (0.3, [LOOSEST["grad"]]),
+    ):
+        cheats = {"scale": a * (1 + frac), "noise": a + frac * token_rms(a) * noise_like(a, seed)}
+        for name, b in cheats.items():
+            for tol in tols:
+                if n_tokens <= tol.outlier_tokens(n_tokens):
+                    continue
+                v = compare(a, b, tolerance=tol)
+                assert not v, (name, tol, v)
+                assert "relative error" in v.reason
 
 
 def test_outlier_tokens():
@@ -249,9 +254,10 @@ def test_tolerance_for_takes_the_looser_dtype():
         assert tolerance_for(bf16, f32, kind) == tolerance_for(f32, bf16, kind)
         assert tolerance_for(f16, bf16, kind) == table["float16"].loosest(table["bfloat16"])
         assert tolerance_for(f32.double(), f32, kind) == table["float32"]
-        for name, tol in table.items():
-            assert tol.token_rel_error < 0.045, name  # below a x1.05 scaling (4.9 %)
+        for tol in table.values():
             assert table["float32"].token_rel_error <= tol.token_rel_error
+    for tol in [*FORWARD_TOLERANCES.values(), GRADIENT_TOLERANCES["float32"]]:
+        assert tol.token_rel_error < 0.045  # below a x1.05 scaling (4.9 %)
     with pytest.raises(ValueError, match="kind"):
         tolerance_for(f32, f32, "logits")
     with pytest.raises(ValueError):
@@ -288,7 +294,8 @@ REAL_PROMPTS = [
 def test_calibrated_tolerances_on_real_smollm2(real_model_dir):
     """Span 0:10 (where bfloat16 is least exact: the sink token's massive activation is
     cancelled in block 9): honest float32 vs bfloat16 agree, forward and backward; 5 % noise,
-    a skipped block, another block's weights and 4-bit weights are rejected."""
+    a skipped block, another block's weights and 4-bit weights are rejected (forward: even
+    against bfloat16; backward: between float32 answers)."""
     from transformers import AutoTokenizer
 
     from bench.calibration_cheats import (
@@ -334,5 +341,11 @@ def test_calibrated_tolerances_on_real_smollm2(real_model_dir):
             g32, g16 = r32.backward(h, g), r16.backward(h, g)
             v = compare(g32, g16, kind="grad")
             assert v, f"honest bf16 gradient rejected: {v.reason}"
-            for name, c in {"4-bit": q4.backward(h, g), "skip": r32.backward(h, g, end=9)}.items():
-                assert not compare(c.to(torch.bfloat16), g16, kind="grad"), name
+            # Against bfloat16 only structural cheats are caught in gradients (4-bit weights
+            # pass a quarter of the time, 5 % noise always: see bench/results/calibration.md);
+            # between float32 answers every cheat is.
+            skip = r32.backward(h, g, end=9)
+            assert not compare(skip.to(torch.bfloat16), g16, kind="grad")
+            for name, c in {"4-bit": q4.backward(h, g), "skip": skip}.items():
+                assert not compare(c, g32, kind="grad"), name
+            assert not compare(noise_token(g32, 0.05, gen), g32, kind="grad")
