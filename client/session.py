@@ -151,7 +151,7 @@ class InferenceSession:
                 f"server answered shape {list(output.shape)}, expected {list(hidden.shape)}"
             )
         hop.step += 1
-        return output.float()
+        return output  # in the wire dtype: votes compare what the server sent
 
     def _admit(self, hidden: torch.Tensor) -> torch.Tensor:
         """Check that new tokens fit in the session; float32, contiguous."""
@@ -176,7 +176,7 @@ class InferenceSession:
                 self.hops[i : i + 1] = await self._replace(hop, mask[:, : self.length])
                 continue
             hop.remember(hidden, positions)
-            hidden = output
+            hidden = output.float()
             i += 1
         self.length += tokens
         return hidden
@@ -192,7 +192,7 @@ class InferenceSession:
                 for hop in replacement:
                     output = await self._send_step(hop, hidden, positions, past_mask)
                     hop.remember(hidden, positions)
-                    hidden = output
+                    hidden = output.float()
                 return replacement
             except Exception as exc:
                 for hop in replacement:

@@ -276,3 +276,23 @@ def test_backward_with_redundancy_outvotes_tampered_gradients(
             assert kinds == {"backward"}
     finally:
         honest_swarm.kill(adversary)
+
+
+def test_honest_float32_and_bfloat16_replicas_agree(tiny_model_dir, local_model):
+    """Heterogeneous honest swarms are normal: their answers must not count as a dispute.
+    Each answer is judged in the dtype its server sent (bfloat16: the looser tolerance)."""
+    swarm = LocalSwarm(tiny_model_dir)
+    try:
+        swarm.start_server(FULL)
+        swarm.start_server(FULL, dtype=torch.bfloat16)
+        with _client(swarm, tiny_model_dir, 2) as model:
+            tokens = model.generate(PROMPT, max_new_tokens=6).tolist()
+            with torch.no_grad():
+                logits = model(input_ids=PROMPT).logits
+                honest = local_model(input_ids=PROMPT).logits
+            assert model.trust_events == []
+            # The float32 answer is the one carried on, so the output is exact.
+            assert tokens == _honest_tokens(local_model, 6)
+            torch.testing.assert_close(logits, honest, atol=1e-4, rtol=0)
+    finally:
+        swarm.close()
