@@ -36,7 +36,7 @@ bench-table: setup
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/table.py $(BENCH_ARGS)
 
-# The adversary suite (issue 6): bench/results/adversary.md + .json, tiny model, ~15 min.
+# The adversary suite (issue 6): bench/results/adversary.md + .json, tiny model, ~20 min.
 bench-adversary: setup
 	$(PY) bench/adversary_suite.py $(BENCH_ARGS)
 

@@ -16,7 +16,8 @@ Runs, on the tiny test model (tests/tiny_model.py) for speed:
 * false positives: honest float32 and bfloat16 servers under verifier checks and
   redundancy comparisons (bench/adversary_fp.py).
 
-Writes bench/results/adversary.md and adversary.json. About 10 minutes (--quick: 3).
+Writes bench/results/adversary.md and adversary.json. About 20 minutes on a loaded
+2-core VM (--quick: about 6); `--render JSON` rewrites the .md from a .json.
 """
 
 from __future__ import annotations
