@@ -169,6 +169,13 @@ class ReportDesk:
             if not judgement.wrong:
                 notes.append(f"answer {i} by {judgement.signer}: agrees with the reference")
                 continue
+            if not judgement.proven:
+                # Within the proof margin: a report is not a check, so it changes nothing.
+                notes.append(
+                    f"answer {i} by {judgement.signer}: outside tolerance but not beyond the "
+                    f"proof margin ({judgement.reason})"
+                )
+                continue
             detail = f"signed wrong {judgement.kind} answer (report): {judgement.reason}"
             proof = proof_bytes(self.model_id, judgement, answer.evidence)
             self.store.record_check(

@@ -180,6 +180,12 @@ class SpotChecker:
             except EvidenceRejected as exc:  # should not happen: probe checked the answer
                 log.warning("could not judge a check of %s: %s", peer, exc)
                 return result(SKIPPED, f"unjudgeable: {exc}")
+            if judgement.wrong and not judgement.proven:
+                # Outside tolerance but within the proof margin: evidence, not proof.
+                detail = f"{kind} answer outside tolerance: {judgement.reason}"
+                self.store.record_check(peer, self.model_id, start, end, kind, False, detail)
+                log.warning("check of %s failed (%s %d:%d): %s", peer, kind, start, end, detail)
+                return result(FAIL, detail)
             if judgement.wrong:
                 detail = f"signed wrong {kind} answer: {judgement.reason}"
                 self.store.record_check(peer, self.model_id, start, end, kind, False, detail)
