@@ -174,13 +174,13 @@ def write(
         ]
         if fp.check_failures:
             md += ["Failed checks:", "", *[f"- {f}" for f in fp.check_failures[:10]], ""]
-    md += notes(meta, attacks)
+    md += notes(meta, attacks, fp)
     path = out_dir / "adversary.md"
     path.write_text("\n".join(md) + "\n")
     return path
 
 
-def notes(meta: dict, attacks: list[AttackRow]) -> list[str]:
+def notes(meta: dict, attacks: list[AttackRow], fp: FalsePositives | None) -> list[str]:
     calibration = (
         "bench/results/calibration.md"
         if CALIBRATION.exists()
@@ -189,6 +189,7 @@ def notes(meta: dict, attacks: list[AttackRow]) -> list[str]:
     undetected = [a.attack for a in attacks if not any(r.detected for r in a.redundancy.values())]
     by_name = {a.attack: a for a in attacks}
     clean = all(r.wrong == 0 for a in attacks for k, r in a.redundancy.items() if k >= 2)
+    fp_bug = bool(fp and fp.by_call_kind.get("inference", {}).get("disagreements"))
     f32 = by_name.get("output noise 1% of RMS")
     bf16 = by_name.get("output noise 1% of RMS, bfloat16 server")
     lines = ["## What this does and does not show", ""]
@@ -203,18 +204,30 @@ def notes(meta: dict, attacks: list[AttackRow]) -> list[str]:
             + " by the verifier here; a bfloat16 server adding 1 % noise was "
             + ("detected" if bf16 and bf16.verifier.detected else "**not detected**")
             + " by the verifier: it cannot be told apart from honest bfloat16 and is not "
-            "detected by design. Redundancy flagged the bfloat16 one, but for a wrong "
-            "reason (next point), not because the noise is detectable."
+            "detected by design."
+            + (
+                " Redundancy flagged the bfloat16 one in this run; with the float32 "
+                "tolerance wrongly applied to bfloat16 answers (next point) that says "
+                "nothing about the noise."
+                if bf16 and any(r.detected for r in bf16.redundancy.values()) and fp_bug
+                else (
+                    " Redundancy flagged it too (k=2/3)."
+                    if bf16 and any(r.detected for r in bf16.redundancy.values())
+                    else " Redundancy did not flag it either."
+                )
+            )
         )
+    if fp_bug:
+        lines.append(
+            "- **Known bug found by this suite:** in redundant inference sessions the "
+            "client converted each replica's answer to float32 before the vote "
+            "(client/session.py), so the comparator applied the float32 tolerance to "
+            "bfloat16 answers and honest bfloat16 and float32 servers outvoted each other "
+            "(see the false-positive section: all false disagreements are in inference "
+            "sessions; plain forward passes keep the wire dtype and agree)."
+        )
+    lines += [f"- {h}" for h in meta.get("history", [])]
     lines += [
-        "- **Known bug found by this suite (not fixed here, client code is not ours):** "
-        "in redundant inference sessions the client converts each replica's answer to "
-        "float32 before the vote (client/session.py `_send_step` returns "
-        "`output.float()`), so the comparator applies the float32 tolerance to bfloat16 "
-        "answers and honest bfloat16 and float32 servers outvote each other (see the "
-        "false-positive section: all false disagreements are in inference sessions; "
-        "plain forward passes keep the wire dtype and agree). Comparing in the answers' "
-        "wire dtype (or passing the loosest tolerance of the replicas) fixes it.",
         "- Undetected by redundancy in this run: "
         + (", ".join(undetected) if undetected else "none")
         + ".",
