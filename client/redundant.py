@@ -42,15 +42,22 @@ def choose_replicas(
     """Up to `count` usable servers for [start, end) not in `exclude`, avoiding the hosts
     of the excluded (already chosen) ones, ranked by latency and reputation."""
     taken = [view.servers[p] for p in exclude if p in view.servers]
-    return pick(
-        view.usable(tuple(exclude)),
-        start,
-        end,
-        count,
-        avoid_hosts=set().union(*(hosts_of(s) for s in taken)),
-        rtts=view.rtts,
-        penalty=view.trust.route_penalty if view.trust is not None else None,
-    )
+    usable = view.usable(tuple(exclude))
+    chosen: list[Announcement] = []
+    # Established servers first (see SwarmView._tiered), then servers on probation.
+    for tier in (view.established(usable), usable):
+        chosen += pick(
+            [s for s in tier if s not in chosen],
+            start,
+            end,
+            count - len(chosen),
+            avoid_hosts=set().union(*(hosts_of(s) for s in taken + chosen)),
+            rtts=view.rtts,
+            penalty=view.trust.route_penalty if view.trust is not None else None,
+        )
+        if len(chosen) == count:
+            break
+    return chosen
 
 
 def backward_request(

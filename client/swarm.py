@@ -30,6 +30,7 @@ from trustswarm.protocol.protocols import DHT_NAMESPACE
 from trustswarm.protocol.transport import connect_peers, parse_peer_addr, running_host
 from trustswarm.reputation.gossip import record_relay
 from trustswarm.reputation.records import REPUTATION_NAMESPACE, ReputationValidator
+from trustswarm.reputation.score import OK
 
 from .reports import send_report
 from .routing import Hop, latency_route, throughput_route
@@ -119,13 +120,39 @@ class SwarmView:
             and (self.trust is None or self.trust.allowed(peer, wall))
         ]
 
+    def established(self, servers: list[Announcement]) -> list[Announcement]:
+        """The servers trusted verifiers call ok (all of them without trusted verifiers)."""
+        if self.trust is None:
+            return servers
+        wall = time.time()
+        return [s for s in servers if self.trust.state(s.peer_id, wall) == OK]
+
+    def _tiered(
+        self, servers: list[Announcement], route: Callable[[list[Announcement]], list[Hop]]
+    ) -> list[Hop]:
+        # Established servers first, strictly: a penalty alone loses to a Sybil that
+        # boasts its speed (measured in bench/results/adversary.md). Servers on
+        # probation carry traffic only where established ones cannot.
+        established = self.established(servers)
+        if len(established) < len(servers):
+            try:
+                return route(established)
+            except SwarmError:
+                pass
+        return route(servers)
+
     def inference_route(self, start: int, end: int, exclude: Sequence[str] = ()) -> list[Hop]:
-        servers = self.usable(exclude)
-        return latency_route(servers, start, end, self.rtts, self._trust_map(servers, "penalty"))
+        def route(servers: list[Announcement]) -> list[Hop]:
+            penalties = self._trust_map(servers, "penalty")
+            return latency_route(servers, start, end, self.rtts, penalties)
+
+        return self._tiered(self.usable(exclude), route)
 
     def forward_route(self, start: int, end: int, rng: random.Random | None = None) -> list[Hop]:
-        servers = self.usable()
-        return throughput_route(servers, start, end, rng, self._trust_map(servers, "weight"))
+        def route(servers: list[Announcement]) -> list[Hop]:
+            return throughput_route(servers, start, end, rng, self._trust_map(servers, "weight"))
+
+        return self._tiered(self.usable(), route)
 
     def _trust_map(self, servers: list[Announcement], kind: str) -> dict[str, float] | None:
         """Per-server route penalties or weights from reputation (None without trust)."""
