@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench bench-training bench-table bench-adversary clean
+.PHONY: setup demo test lint bench bench-training bench-table bench-adversary bench-redundancy clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-table: setup
 # The adversary suite (issue 6): bench/results/adversary.md + .json, tiny model, ~20 min.
 bench-adversary: setup
 	$(PY) bench/adversary_suite.py $(BENCH_ARGS)
+
+bench-redundancy: setup
+	$(PY) bench/redundancy.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
