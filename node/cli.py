@@ -107,34 +107,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="full multiaddrs (…/p2p/<peer id>) of peers already in the swarm",
     )
     peers.add_argument("--new-swarm", action="store_true", help="start a new swarm")
-    start.add_argument(
-        "--swarm-key",
-        type=Path,
-        default=None,
-        help="private swarm: file with a 64-hex-char pre-shared key",
-    )
+    add_daemon_options(start)
     start.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     start.add_argument("--max-sessions", type=positive_int, default=ServerConfig.max_sessions)
     start.add_argument(
         "--max-session-tokens", type=positive_int, default=ServerConfig.max_session_tokens
     )
     start.add_argument("--max-batch", type=positive_int, default=ServerConfig.max_batch)
-    start.add_argument(
+    start.set_defaults(func=run_start)
+
+
+def add_daemon_options(parser: argparse.ArgumentParser) -> None:
+    """Options every long-running peer takes (node start, verifier start)."""
+    parser.add_argument(
+        "--swarm-key",
+        type=Path,
+        default=None,
+        help="private swarm: file with a 64-hex-char pre-shared key",
+    )
+    parser.add_argument(
         "--threads",
         type=positive_int,
         default=None,
         help="torch CPU threads (default: torch's choice)",
     )
-    start.add_argument("--log-level", default="INFO")
-    start.set_defaults(func=run_start)
+    parser.add_argument("--log-level", default="INFO")
 
 
-def run_start(args: argparse.Namespace) -> int:
+def configure_daemon(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def run_start(args: argparse.Namespace) -> int:
+    configure_daemon(args)
     try:
         model_dir = ModelDir.open(args.model)
         if args.blocks and args.blocks[1] > model_dir.num_blocks:
@@ -151,8 +162,6 @@ def run_start(args: argparse.Namespace) -> int:
     except (TrustswarmError, ModelDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = ServerConfig(
         max_sessions=args.max_sessions,
         max_session_tokens=args.max_session_tokens,

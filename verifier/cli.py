@@ -8,11 +8,11 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
 import trio
 
 from trustswarm.models.errors import ModelDirError
 from trustswarm.models.store import ModelDir
+from trustswarm.node.cli import add_daemon_options, configure_daemon
 from trustswarm.protocol.errors import TrustswarmError
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.transport import load_swarm_key, parse_multiaddr, parse_peer_addr
@@ -88,28 +88,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help=f"re-publish every record this often (default {VerifierConfig.republish_every:.0f})",
     )
-    start.add_argument(
-        "--swarm-key",
-        type=Path,
-        default=None,
-        help="private swarm: file with a 64-hex-char pre-shared key",
-    )
-    start.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's choice)",
-    )
-    start.add_argument("--log-level", default="INFO")
+    add_daemon_options(start)
     start.set_defaults(func=run_start)
 
 
 def run_start(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_daemon(args)
     try:
         model_dir = ModelDir.open(args.model)
         identity = Identity.load_or_create(args.identity)
@@ -123,11 +107,6 @@ def run_start(args: argparse.Namespace) -> int:
     except (TrustswarmError, ModelDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        if args.threads < 1:
-            print("error: --threads must be a positive integer", file=sys.stderr)
-            return 2
-        torch.set_num_threads(args.threads)
     config = VerifierConfig(
         checks=CheckConfig(check_every=args.check_every),
         record_ttl=args.record_ttl,
