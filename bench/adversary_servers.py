@@ -22,6 +22,7 @@ from trustswarm.node.server import BlockServer
 from trustswarm.protocol.codec import Message
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.statement import SignedStatement
+from trustswarm.testing.adversary import derived_context
 
 MODES = ("forged_signature", "other_request")
 
@@ -73,16 +74,7 @@ def forging_server_cls(mode: str, boast: float = 100.0) -> type[BlockServer]:
     class ForgingServer(BlockServer):
         def _make_context(self) -> ServingContext:
             self.throughput *= boast
-            honest = super()._make_context()
-            return ForgingContext(
-                identity=honest.identity,
-                runner=honest.runner,
-                model_id=honest.model_id,
-                span_digest=honest.span_digest,
-                config=honest.config,
-                info=honest.info,
-                mode=mode,
-            )
+            return derived_context(super()._make_context(), ForgingContext, mode=mode)
 
     ForgingServer.__name__ = f"ForgingServer[{mode}]"
     return ForgingServer

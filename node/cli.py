@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import torch
@@ -188,9 +189,15 @@ def run_start(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_until_signal(server: BlockServer, listen: list[str], initial: list[str]) -> None:
-    # Signals are caught before anything starts, so a SIGTERM during start-up
-    # also ends in a clean shutdown.
+async def serve_until_signal(
+    serve: Callable[..., Awaitable[None]],
+    listen: list[str],
+    initial: list[str],
+    started: Callable[[], None],
+) -> None:
+    """Run a peer's `serve(listen, initial, task_status=...)` until SIGINT/SIGTERM,
+    printing its multiaddrs once it listens. Signals are caught before anything
+    starts, so a SIGTERM during start-up also ends in a clean shutdown."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -201,16 +208,23 @@ async def _serve_until_signal(server: BlockServer, listen: list[str], initial: l
                     return
 
             nursery.start_soon(stop_on_signal)
-            addrs = await nursery.start(server.serve, listen, initial)
-            runner = server.runner
+            addrs = await nursery.start(serve, listen, initial)
             for addr in addrs:
                 print(addr, flush=True)
-            log.info(
-                "serving blocks %d:%d of %s as %s (%s, %.0f tokens/s)",
-                runner.start,
-                runner.end,
-                server.model_id,
-                server.identity.peer_id,
-                runner.dtype,
-                server.throughput,
-            )
+            started()
+
+
+async def _serve_until_signal(server: BlockServer, listen: list[str], initial: list[str]) -> None:
+    def started() -> None:
+        runner = server.runner
+        log.info(
+            "serving blocks %d:%d of %s as %s (%s, %.0f tokens/s)",
+            runner.start,
+            runner.end,
+            server.model_id,
+            server.identity.peer_id,
+            runner.dtype,
+            server.throughput,
+        )
+
+    await serve_until_signal(server.serve, listen, initial, started)

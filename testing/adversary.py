@@ -14,6 +14,7 @@ every answer of every kind is wrong; it ignores `fraction` and `peers`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
@@ -133,6 +134,14 @@ def tamper_weights(runner: BlockRunner, tamper: Tamper) -> None:
                     quantize_(module.weight, tamper.bits)
 
 
+def derived_context(
+    honest: ServingContext, cls: type[ServingContext], **extra: object
+) -> ServingContext:
+    """`cls` (a ServingContext subclass) with the honest context's fields and `extra`."""
+    base = {f.name: getattr(honest, f.name) for f in dataclasses.fields(ServingContext)}
+    return cls(**base, **extra)
+
+
 def adversarial_server_cls(tamper: Tamper, boast: float = 1.0) -> type[BlockServer]:
     """A BlockServer subclass that tampers as `tamper` says (for LocalSwarm.start_server).
     `boast` multiplies the throughput it announces, to attract routes as a cheater would."""
@@ -146,14 +155,9 @@ def adversarial_server_cls(tamper: Tamper, boast: float = 1.0) -> type[BlockServ
 
         def _make_context(self) -> ServingContext:
             self.throughput *= boast
-            honest = super()._make_context()
-            return TamperingContext(
-                identity=honest.identity,
-                runner=honest.runner,
-                model_id=honest.model_id,
-                span_digest=honest.span_digest,
-                config=honest.config,
-                info=honest.info,
+            return derived_context(
+                super()._make_context(),
+                TamperingContext,
                 tamper=tamper,
                 rng=random.Random(tamper.seed),
             )

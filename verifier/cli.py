@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import trio
 
 from trustswarm.models.errors import ModelDirError
 from trustswarm.models.store import ModelDir
-from trustswarm.node.cli import add_daemon_options, configure_daemon
+from trustswarm.node.cli import add_daemon_options, configure_daemon, serve_until_signal
 from trustswarm.protocol.errors import TrustswarmError
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.transport import load_swarm_key, parse_multiaddr, parse_peer_addr
@@ -128,23 +127,13 @@ def run_start(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signal(verifier: Verifier, listen: list[str], initial: list[str]) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+    def started() -> None:
+        log.info(
+            "verifier %s checking %s (%d blocks), store %s",
+            verifier.peer_id,
+            verifier.model_id,
+            verifier.model_dir.num_blocks,
+            verifier.store.url,
+        )
 
-            async def stop_on_signal() -> None:
-                async for signum in signals:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    return
-
-            nursery.start_soon(stop_on_signal)
-            addrs = await nursery.start(verifier.serve, listen, initial)
-            for addr in addrs:
-                print(addr, flush=True)
-            log.info(
-                "verifier %s checking %s (%d blocks), store %s",
-                verifier.peer_id,
-                verifier.model_id,
-                verifier.model_dir.num_blocks,
-                verifier.store.url,
-            )
+    await serve_until_signal(verifier.serve, listen, initial, started)
