@@ -16,6 +16,7 @@ import torch
 import trio
 from libp2p.abc import INetStream
 
+from trustswarm.models.compute import run_limited
 from trustswarm.models.runner import BlockRunner, RunnerError
 from trustswarm.protocol.codec import Message
 from trustswarm.protocol.digests import bytes_digest, tensors_digest
@@ -56,8 +57,7 @@ class ServingContext:
     served_requests: int = 0
 
     async def run(self, fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
-        async with self.compute:
-            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+        return await run_limited(self.compute, fn, *args)
 
     def signed_answer(
         self,

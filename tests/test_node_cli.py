@@ -2,54 +2,22 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.daemons import PY, launch, stop
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.protocol.errors import SwarmError
 
 pytestmark = pytest.mark.timeout(240)
-PY = [sys.executable, "-m", "trustswarm"]
 
 
 def start(model: Path, key: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [
-            *PY,
-            "node",
-            "start",
-            "--model",
-            str(model),
-            "--identity",
-            str(key),
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--threads",
-            "1",
-            "--log-level",
-            "WARNING",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline().strip()
-    if not line.startswith("/ip4/127.0.0.1/tcp/"):
-        proc.kill()
-        raise AssertionError(f"no multiaddr printed: {line!r} {proc.stderr.read()[-2000:]}")
-    return proc, line
-
-
-def stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=20)
+    return launch("node", "start", "--model", str(model), "--identity", str(key), *extra)
 
 
 def test_node_prints_multiaddr_keeps_peer_id_and_stops_cleanly(

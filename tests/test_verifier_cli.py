@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.daemons import launch, stop
 from tests.swarm import LocalSwarm
 from trustswarm.cli import main
 from trustswarm.protocol.identity import Identity
 from trustswarm.reputation.store import ReputationStore
 
 pytestmark = pytest.mark.timeout(120)
-PY = [sys.executable, "-m", "trustswarm"]
-COMMON = ["--listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1", "--log-level", "WARNING"]
-
-
-def launch(*args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [*PY, *args, *COMMON], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    line = proc.stdout.readline().strip()
-    if not line.startswith("/ip4/127.0.0.1/tcp/"):
-        proc.kill()
-        raise AssertionError(f"no multiaddr printed: {line!r} {proc.stderr.read()[-2000:]}")
-    return proc, line
-
-
-def stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=20)
 
 
 def test_verifier_prints_its_address_checks_the_node_and_stops_cleanly(

@@ -26,6 +26,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from trustswarm.client.swarm import SwarmClient, SwarmView
+from trustswarm.models.compute import run_limited
 from trustswarm.models.runner import BlockRunner
 from trustswarm.models.store import ModelDir
 from trustswarm.protocol import protocols
@@ -99,8 +100,7 @@ class Verifier:
         return self.model_dir.manifest.model_id
 
     async def compute(self, fn, *args):  # noqa: ANN001, ANN201 - torch work off the loop
-        async with self._compute:
-            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+        return await run_limited(self._compute, fn, *args)
 
     # -- records --------------------------------------------------------------------
 
