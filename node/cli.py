@@ -132,15 +132,33 @@ def add_daemon_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="torch CPU threads (default: torch's choice)",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default="INFO",
+    )
+
+
+class _QuietLibp2p(logging.Filter):
+    """Drops py-libp2p's multi-line "Failed to open stream" errors. Gossipsub logs one
+    for every peer that does not speak it (every client), and our own stream failures
+    are raised and reported by trustswarm with context."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to open stream to peer")
 
 
 def configure_daemon(args: argparse.Namespace) -> None:
+    level = logging.getLevelName(args.log_level)
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=level,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if level > logging.DEBUG:  # py-libp2p's INFO is connection chatter; DEBUG shows it all
+        logging.getLogger("libp2p").setLevel(max(level, logging.WARNING))
+        logging.getLogger("libp2p.host.basic_host").addFilter(_QuietLibp2p())
     if args.threads:
         torch.set_num_threads(args.threads)
 

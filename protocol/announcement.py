@@ -100,13 +100,26 @@ def sign_announcement(identity: Identity, announcement: Announcement) -> SignedA
     return SignedAnnouncement(announcement, identity.sign(announcement.canonical_bytes()))
 
 
+# py-libp2p's DHT answers FIND_NODE only for keys that are multihashes or at most 50
+# bytes long; a longer key is reset, so put/get lookups silently fall back to the
+# local routing table. Every trustswarm DHT key is built to fit.
+MAX_DHT_KEY_BYTES = 50
+
+
 def model_key(model_id: str) -> str:
-    """A DHT-safe key component for a model id."""
-    return hashlib.sha256(model_id.encode()).hexdigest()[:32]
+    """A DHT-safe key component for a model id (64 bits: a name, not a security check)."""
+    return hashlib.sha256(model_id.encode()).hexdigest()[:16]
+
+
+def peer_key(peer_id: str) -> str:
+    """A DHT-safe key component for a peer id. 80 bits: to take another server's slot an
+    attacker needs a second preimage (~2^80 key generations), and even then the record
+    it stores must still be signed by the peer id it names."""
+    return hashlib.sha256(f"trustswarm-peer/{peer_id}".encode()).hexdigest()[:20]
 
 
 def announcement_key(model_id: str, peer_id: str) -> str:
-    return f"/{DHT_NAMESPACE}/{model_key(model_id)}/{peer_id}"
+    return f"/{DHT_NAMESPACE}/{model_key(model_id)}/{peer_key(peer_id)}"
 
 
 def providers_key(model_id: str) -> str:
@@ -115,7 +128,7 @@ def providers_key(model_id: str) -> str:
 
 
 class AnnouncementValidator(Validator):
-    """DHT validator for /trustswarm/<model key>/<peer id> records."""
+    """DHT validator for /trustswarm/<model key>/<peer key> records."""
 
     def validate(self, key: str, value: bytes) -> None:
         signed = SignedAnnouncement.from_bytes(value)
@@ -123,7 +136,7 @@ class AnnouncementValidator(Validator):
         if len(parts) != 4 or parts[1] != DHT_NAMESPACE:
             raise ProtocolError(f"not a trustswarm announcement key: {key[:80]!r}")
         ann = signed.announcement
-        if parts[2] != model_key(ann.model_id) or parts[3] != ann.peer_id:
+        if key != announcement_key(ann.model_id, ann.peer_id):
             raise SignatureError("announcement stored under another model or peer's key")
         signed.verify()
 

@@ -151,11 +151,11 @@ def sign_record(identity: Identity, record: ReputationRecord) -> SignedReputatio
 def record_key(verifier_id: str, subject: str, model_id: str) -> str:
     """DHT key of the newest record `verifier_id` published about `subject` for a model.
 
-    A digest of the three: py-libp2p ignores GET_VALUE keys over 128 bytes, and two
-    peer ids alone take 104.
+    A 128-bit digest of the three, so the key fits MAX_DHT_KEY_BYTES (two peer ids
+    alone take 104 bytes).
     """
     digest = hashlib.sha256(json.dumps([model_id, verifier_id, subject]).encode()).hexdigest()
-    return f"/{REPUTATION_NAMESPACE}/{digest}"
+    return f"/{REPUTATION_NAMESPACE}/{digest[:32]}"
 
 
 def REPUTATION_TOPIC(model_id: str) -> str:  # noqa: N802 - agreed name

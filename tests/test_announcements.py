@@ -24,6 +24,7 @@ from trustswarm.protocol.announcement import (
     SignedAnnouncement,
     announcement_key,
     model_key,
+    peer_key,
     sign_announcement,
 )
 from trustswarm.protocol.errors import ProtocolError, SignatureError
@@ -79,7 +80,7 @@ def test_round_trip_and_accept() -> None:
     assert again == signed
     again.verify()
     VALIDATOR.validate(key_of(A), signed.to_bytes())
-    assert key_of(A) == f"/{DHT_NAMESPACE}/{model_key(MODEL)}/{A.peer_id}"
+    assert key_of(A) == f"/{DHT_NAMESPACE}/{model_key(MODEL)}/{peer_key(str(A.peer_id))}"
     assert again.announcement.covers(0) and again.announcement.covers(9)
     assert not again.announcement.covers(10)
 
@@ -157,8 +158,9 @@ def test_stored_under_another_key() -> None:
     with pytest.raises(SignatureError):
         VALIDATOR.validate(key_of(A, "other/model"), record)
     for bad_key in [
-        f"/other/{model_key(MODEL)}/{A.peer_id}",
-        f"/{DHT_NAMESPACE}/{model_key(MODEL)}/{A.peer_id}/extra",
+        f"/other/{model_key(MODEL)}/{peer_key(str(A.peer_id))}",
+        f"{key_of(A)}/extra",
+        f"/{DHT_NAMESPACE}/{model_key(MODEL)}/{A.peer_id}",
         f"/{DHT_NAMESPACE}/{A.peer_id}",
         f"/{DHT_NAMESPACE}/{MODEL}/{A.peer_id}",
         "",

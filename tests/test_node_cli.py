@@ -93,6 +93,7 @@ def test_private_swarm_refuses_wrong_key_quickly(tiny_model_dir: Path, tmp_path:
         (["--blocks", "0:6", "--new-swarm", "--swarm-key", "/nonexistent"], "swarm key"),
         (["--blocks", "0:6", "--new-swarm", "--announce-addr", "nonsense"], "not a multiaddr"),
         (["--blocks", "0:6", "--new-swarm", "--announce-addr", "/ip4/1.2.3.4/udp/5"], "/tcp/"),
+        (["--blocks", "0:6", "--new-swarm", "--log-level", "loud"], "invalid choice"),
     ],
 )
 def test_bad_flags_get_clear_errors(tiny_model_dir: Path, tmp_path: Path, args, message):
