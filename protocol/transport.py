@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -114,6 +115,35 @@ async def connect_peers(
     return connected
 
 
+def refuse_shared_port(addr: multiaddr.Multiaddr) -> None:
+    """Raise SwarmError if a fixed TCP listen port is already taken.
+
+    py-libp2p listens with SO_REUSEPORT (for hole punching), so a second node started
+    by the same user on a busy port binds it too, and the kernel then splits incoming
+    connections between the two processes. A plain bind, without SO_REUSEPORT, fails
+    on a port any socket holds, which is the check we want.
+    """
+    try:
+        port = int(addr.value_for_protocol("tcp"))
+    except Exception:  # noqa: S112 - not a TCP address: nothing to check
+        return
+    if port == 0:
+        return
+    for family, proto in ((socket.AF_INET, "ip4"), (socket.AF_INET6, "ip6")):
+        try:
+            ip = addr.value_for_protocol(proto)
+        except Exception:  # noqa: S112 - the other family
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR so a restart is not refused for the old sockets' TIME_WAIT;
+            # Linux still refuses it while another socket listens on the port.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((ip, port))
+            except OSError as exc:
+                raise SwarmError(f"cannot listen on {addr}: {exc.strerror}") from exc
+
+
 @asynccontextmanager
 async def running_host(
     host: IHost, listen_addrs: Sequence[multiaddr.Multiaddr]
@@ -124,6 +154,8 @@ async def running_host(
     exits, so a stopped in-process node would go on accepting connections and
     answering streams. Closing the swarm explicitly makes "stopped" mean stopped.
     """
+    for addr in listen_addrs:
+        refuse_shared_port(addr)
     try:
         async with host.run(listen_addrs=listen_addrs):
             yield host

@@ -7,11 +7,14 @@ import logging
 import sys
 from pathlib import Path
 
-import trio
-
 from trustswarm.models.errors import ModelDirError
 from trustswarm.models.store import ModelDir
-from trustswarm.node.cli import add_daemon_options, configure_daemon, serve_until_signal
+from trustswarm.node.cli import (
+    add_daemon_options,
+    configure_daemon,
+    run_daemon,
+    serve_until_signal,
+)
 from trustswarm.protocol.errors import TrustswarmError
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.transport import load_swarm_key, parse_multiaddr, parse_peer_addr
@@ -115,15 +118,9 @@ def run_start(args: argparse.Namespace) -> int:
         identity=identity, model_dir=model_dir, store=store, config=config, swarm_key=swarm_key
     )
     try:
-        trio.run(_serve_until_signal, verifier, listen, args.initial_peers)
-    except KeyboardInterrupt:
-        pass
-    except TrustswarmError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return run_daemon(_serve_until_signal, verifier, listen, args.initial_peers)
     finally:
         store.close()
-    return 0
 
 
 async def _serve_until_signal(verifier: Verifier, listen: list[str], initial: list[str]) -> None:
