@@ -1,4 +1,4 @@
-"""The `trustswarm` command line: `model`, `node` (and later `verifier`, `reputation`)."""
+"""The `trustswarm` command line: `model`, `node`, `verifier`, `reputation`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from trustswarm.models import cli as model_cli
 from trustswarm.node import cli as node_cli
+from trustswarm.protocol.errors import TrustswarmError, trustswarm_error_in
 from trustswarm.reputation import cli as reputation_cli
 from trustswarm.verifier import cli as verifier_cli
 
@@ -26,7 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (TrustswarmError, BaseExceptionGroup) as exc:  # a group: from a trio nursery
+        error = trustswarm_error_in(exc)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

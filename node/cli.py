@@ -200,25 +200,13 @@ def run_start(args: argparse.Namespace) -> int:
     return run_daemon(_serve_until_signal, server, listen, initial)
 
 
-def _leaf_errors(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaf_errors(inner)]
-    return [exc]
-
-
 def run_daemon(main: Callable[..., Awaitable[None]], *args: object) -> int:
-    """`trio.run(main, *args)` for a CLI: our errors, even wrapped in the exception
-    groups trio's nurseries raise, become one `error:` line and exit code 1."""
+    """`trio.run(main, *args)` for a daemon CLI. Errors propagate to `trustswarm.cli.main`,
+    which prints ours as one line, also from inside trio's exception groups."""
     try:
         trio.run(main, *args)
     except KeyboardInterrupt:
         pass
-    except BaseException as exc:
-        ours = [e for e in _leaf_errors(exc) if isinstance(e, TrustswarmError)]
-        if not ours:
-            raise
-        print(f"error: {ours[0]}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -27,6 +27,19 @@ class SwarmError(TrustswarmError):
     """The swarm cannot serve a request (no route, every server failed, ...)."""
 
 
+def trustswarm_error_in(exc: BaseException) -> TrustswarmError | None:
+    """The first TrustswarmError in `exc`, looking inside the exception groups that
+    trio's nurseries wrap errors in; None if there is none."""
+    if isinstance(exc, TrustswarmError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = trustswarm_error_in(inner)
+            if found is not None:
+                return found
+    return None
+
+
 # Error codes carried in error frames; a peer never learns more than code + message.
 BAD_REQUEST = "bad_request"
 TOO_LARGE = "too_large"

@@ -10,7 +10,7 @@ import multiaddr
 import pytest
 
 from tests.daemons import PY
-from trustswarm.protocol.errors import SwarmError
+from trustswarm.protocol.errors import SwarmError, trustswarm_error_in
 from trustswarm.protocol.transport import refuse_shared_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -59,3 +59,22 @@ def test_unreachable_initial_peers_and_busy_ports_give_one_line(
         assert result.returncode == 1, result.stderr[-2000:]
         assert message in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_reputation_show_from_an_unreachable_swarm_gives_one_line(tiny_model_dir: Path) -> None:
+    result = run(
+        "reputation", "show", "--model", str(tiny_model_dir),
+        "--initial-peers", UNREACHABLE, "--verifier", UNREACHABLE.rsplit("/", 1)[1],
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "error: none of the 1 initial peers answered" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_our_error_is_found_inside_nested_exception_groups() -> None:
+    ours = SwarmError("no route")
+    nested = ExceptionGroup("outer", [ValueError("x"), ExceptionGroup("inner", [ours])])
+    assert trustswarm_error_in(nested) is ours
+    assert trustswarm_error_in(ours) is ours
+    assert trustswarm_error_in(ExceptionGroup("g", [ValueError("x")])) is None
+    assert trustswarm_error_in(KeyboardInterrupt()) is None
