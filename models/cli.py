@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from trustswarm.models.errors import ModelDirError
-from trustswarm.models.importer import import_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from trustswarm.models.importer import import_model  # torch + transformers: ~7 s
+
     t0 = time.perf_counter()
     try:
         manifest = import_model(

@@ -8,21 +8,22 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import trio
 
 from trustswarm.models.errors import ModelDirError
-from trustswarm.models.store import ModelDir
 from trustswarm.protocol.errors import ProtocolError, TrustswarmError
-from trustswarm.protocol.identity import Identity
-from trustswarm.protocol.transport import load_swarm_key, parse_multiaddr, parse_peer_addr
 
 from .config import ServerConfig
-from .server import BlockServer
 
+if TYPE_CHECKING:
+    from .server import BlockServer
+
+# torch, transformers and libp2p are imported where they are used, so `--help` and
+# flag errors answer at once instead of after ~10 s of imports.
 log = logging.getLogger("trustswarm.node")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("bfloat16", "float32")
 
 
 def parse_span(text: str) -> tuple[int, int]:
@@ -49,6 +50,8 @@ def positive_int(text: str) -> int:
 
 def parse_announce_addrs(texts: list[str], peer_id: str) -> tuple[str, ...]:
     """Multiaddrs to announce, without a /p2p/ part (one naming this peer is allowed)."""
+    from trustswarm.protocol.transport import parse_multiaddr
+
     out = []
     for text in texts:
         addr, _, peer = str(parse_multiaddr(text)).partition("/p2p/")
@@ -109,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     peers.add_argument("--new-swarm", action="store_true", help="start a new swarm")
     add_daemon_options(start)
-    start.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    start.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     start.add_argument("--max-sessions", type=positive_int, default=ServerConfig.max_sessions)
     start.add_argument(
         "--max-session-tokens", type=positive_int, default=ServerConfig.max_session_tokens
@@ -160,11 +163,21 @@ def configure_daemon(args: argparse.Namespace) -> None:
         logging.getLogger("libp2p").setLevel(max(level, logging.WARNING))
         logging.getLogger("libp2p.host.basic_host").addFilter(_QuietLibp2p())
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
 
 
 def run_start(args: argparse.Namespace) -> int:
     configure_daemon(args)
+    import torch
+
+    from trustswarm.models.store import ModelDir
+    from trustswarm.protocol.identity import Identity
+    from trustswarm.protocol.transport import load_swarm_key, parse_peer_addr
+
+    from .server import BlockServer
+
     try:
         model_dir = ModelDir.open(args.model)
         if args.blocks and args.blocks[1] > model_dir.num_blocks:
@@ -192,7 +205,7 @@ def run_start(args: argparse.Namespace) -> int:
         config=config,
         span=args.blocks,
         span_length=args.num_blocks,
-        dtype=DTYPES[args.dtype],
+        dtype=getattr(torch, args.dtype),
         swarm_key=swarm_key,
         announce_addrs=announce,
     )

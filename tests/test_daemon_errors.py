@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import multiaddr
@@ -78,3 +79,23 @@ def test_our_error_is_found_inside_nested_exception_groups() -> None:
     assert trustswarm_error_in(ours) is ours
     assert trustswarm_error_in(ExceptionGroup("g", [ValueError("x")])) is None
     assert trustswarm_error_in(KeyboardInterrupt()) is None
+
+
+def test_help_and_flag_errors_do_not_load_torch_or_libp2p() -> None:
+    """`--help` and argparse errors answer at once (torch + transformers take ~7 s)."""
+    probe = (
+        "import sys\n"
+        "from trustswarm.cli import build_parser\n"
+        "parser = build_parser()\n"
+        "for argv in (['node', 'start', '--help'], ['verifier', 'start', '--help'],\n"
+        "             ['reputation', 'show', '--help'], ['model', 'import', '--help']):\n"
+        "    try:\n"
+        "        parser.parse_args(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'libp2p', 'sqlalchemy')"
+        " if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

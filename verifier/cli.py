@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trustswarm.models.errors import ModelDirError
-from trustswarm.models.store import ModelDir
 from trustswarm.node.cli import (
     add_daemon_options,
     configure_daemon,
@@ -16,12 +16,11 @@ from trustswarm.node.cli import (
     serve_until_signal,
 )
 from trustswarm.protocol.errors import TrustswarmError
-from trustswarm.protocol.identity import Identity
-from trustswarm.protocol.transport import load_swarm_key, parse_multiaddr, parse_peer_addr
-from trustswarm.reputation.store import ReputationStore
 
-from .daemon import Verifier, VerifierConfig
-from .spotcheck import CheckConfig
+from .config import CheckConfig, VerifierConfig
+
+if TYPE_CHECKING:
+    from .daemon import Verifier
 
 log = logging.getLogger("trustswarm.verifier")
 
@@ -96,6 +95,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_start(args: argparse.Namespace) -> int:
     configure_daemon(args)
+    # Heavy imports (torch, transformers, libp2p, SQLAlchemy) only once the flags parse.
+    from trustswarm.models.store import ModelDir
+    from trustswarm.protocol.identity import Identity
+    from trustswarm.protocol.transport import load_swarm_key, parse_multiaddr, parse_peer_addr
+    from trustswarm.reputation.store import ReputationStore
+
+    from .daemon import Verifier
+
     try:
         model_dir = ModelDir.open(args.model)
         identity = Identity.load_or_create(args.identity)

@@ -51,22 +51,12 @@ from trustswarm.reputation.records import (
 from trustswarm.reputation.store import ReputationStore
 
 from .challenges import ChallengeFactory
+from .config import VerifierConfig
 from .judge import Judge
-from .reports import ReportConfig, ReportDesk
-from .spotcheck import FRAUD, CheckConfig, CheckResult, SpotChecker
+from .reports import ReportDesk
+from .spotcheck import FRAUD, CheckResult, SpotChecker
 
 log = logging.getLogger("trustswarm.verifier")
-
-
-@dataclass(frozen=True)
-class VerifierConfig:
-    checks: CheckConfig = field(default_factory=CheckConfig)
-    reports: ReportConfig = field(default_factory=ReportConfig)
-    refresh_every: float = 10.0  # seconds between swarm discovery rounds
-    republish_every: float = 30.0  # seconds between re-publishing every record
-    record_ttl: float = 300.0  # seconds a signed record stays valid
-    publish_pace: float = 0.15  # seconds between two publishes (gossipsub drops bursts)
-    connect_timeout: float = 10.0
 
 
 @dataclass

@@ -44,22 +44,13 @@ from trustswarm.protocol.evidence import (
 from trustswarm.protocol.framing import StreamClosed, error_message, read_frame, send_message
 from trustswarm.protocol.limits import DEFAULT_LIMITS
 from trustswarm.reputation.store import ReputationStore
+from trustswarm.verifier.config import ReportConfig
 
 from .judge import EvidenceRejected, Judge, proof_bytes
 
 log = logging.getLogger("trustswarm.verifier")
 UPHELD, REJECTED, RATE_LIMITED = "upheld", "rejected", "rate_limited"
 VERDICTS = (UPHELD, REJECTED, RATE_LIMITED)
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    max_reports: int = 10  # per reporter within `window` seconds
-    window: float = 60.0
-    max_bytes: int = 64 * 1024 * 1024
-    max_answers: int = 16
-    max_exchanges: int = 1024  # summed over the report's answers
-    timeout: float = 60.0  # to receive the report
 
 
 @dataclass(frozen=True)

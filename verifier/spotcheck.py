@@ -31,6 +31,7 @@ from trustswarm.protocol.errors import RemoteError, TrustswarmError
 from trustswarm.protocol.transport import running_host
 from trustswarm.reputation.score import BANNED
 from trustswarm.reputation.store import ReputationStore
+from trustswarm.verifier.config import CheckConfig
 
 from .challenges import ChallengeFactory
 from .judge import EvidenceRejected, Judge, proof_bytes
@@ -38,29 +39,6 @@ from .probe import InvalidAnswer, fresh_host, probe
 
 log = logging.getLogger("trustswarm.verifier")
 PASS, FAIL, FRAUD, SKIPPED = "pass", "fail", "fraud", "skipped"
-
-
-@dataclass(frozen=True)
-class CheckConfig:
-    check_every: float = 1.0  # mean seconds between checks (exponential gaps)
-    inference_share: float = 0.6  # share of checks that are multi-step inference sessions
-    backward_share: float = 0.15  # share that are backward passes (fine-tuning traffic)
-    min_decode_steps: int = 2  # 1-token steps after the prefill, drawn uniformly
-    max_decode_steps: int = 6
-    sub_span_share: float = 0.25  # share of checks that ask a part of the server's span
-    timeout: float = 30.0  # per request, as a client's request_timeout
-    max_concurrent: int = 2
-
-    def __post_init__(self) -> None:
-        if not self.check_every > 0:
-            raise ValueError("check_every must be positive")
-        if not 0 <= self.min_decode_steps <= self.max_decode_steps:
-            raise ValueError("need 0 <= min_decode_steps <= max_decode_steps")
-        shares = (self.inference_share, self.backward_share, self.sub_span_share)
-        if not all(0 <= s <= 1 for s in shares):
-            raise ValueError("shares must lie in [0, 1]")
-        if self.inference_share + self.backward_share > 1:
-            raise ValueError("inference_share + backward_share must not exceed 1")
 
 
 @dataclass(frozen=True)
