@@ -470,9 +470,9 @@ def false_report(env: Env, verifier: RunningVerifier) -> ProtocolRow:
 
     async def evidence():  # noqa: ANN202
         challenge = await v.compute(v.checker.factory.make, 0, 3, 3)
-        call = SpanCall(
-            parse_peer_id(victim.peer_id), model_id, 0, 3, v.model_dir.manifest.span_digest(0, 3)
-        )
+        digest = v.model_dir.manifest.span_digest(0, 3)
+        dtype = victim.server.announcement.announcement.dtype
+        call = SpanCall(parse_peer_id(victim.peer_id), model_id, 0, 3, digest, dtype)
         host = fresh_host()
         async with running_host(host, []):
             return await probe(host, call, victim.addrs, challenge, True, 20.0)

@@ -45,6 +45,7 @@ class ForgingContext(ServingContext):
         peer: str,
         session_id: str = "",
         step: int = 0,
+        chain: str = "",
     ) -> Message:
         self.answers += 1
         x = output.float()
@@ -55,10 +56,10 @@ class ForgingContext(ServingContext):
             other = self.last_request or raw_request + b"\0"
             self.last_request = raw_request
             return super().signed_answer(
-                kind, start, end, other, wrong, name, peer, session_id, step
+                kind, start, end, other, wrong, name, peer, session_id, step, chain
             )
         message = super().signed_answer(
-            kind, start, end, raw_request, wrong, name, peer, session_id, step
+            kind, start, end, raw_request, wrong, name, peer, session_id, step, chain
         )
         signed = SignedStatement.from_meta(message.meta)
         forged = SignedStatement(

@@ -319,9 +319,9 @@ class ClientProbe:
                 hop.update(wait=t1 - t0, received=t1, decode=t2 - t1, bytes_in=len(payload))
             return message, payload
 
-        original_checked = session_mod.checked_answer
+        original_checked = session_mod.checked_statement
 
-        def checked_answer(*a, **kw):
+        def checked_statement(*a, **kw):
             t = perf_counter()
             try:
                 return original_checked(*a, **kw)
@@ -379,7 +379,7 @@ class ClientProbe:
 
         session_mod.send_message = send_message
         session_mod.receive_message = receive_message
-        session_mod.checked_answer = checked_answer
+        session_mod.checked_statement = checked_statement
         session_mod.InferenceSession._send_step = _send_step
         session_mod.InferenceSession.step = async_step
         client_model.SyncInferenceSession.step = sync_step

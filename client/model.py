@@ -24,7 +24,7 @@ from .redundant_session import RedundantInferenceSession
 from .reference import LocalReference
 from .sequential import RemotePasses
 from .session import InferenceSession
-from .swarm import SwarmClient, SwarmView
+from .swarm import SwarmClient, SwarmView, check_dtype_policy
 from .trust import make_trust_view
 
 log = logging.getLogger("trustswarm.client")
@@ -104,6 +104,7 @@ class DistributedModelForCausalLM(nn.Module):
         on_disagreement: Callable[[DisagreementReport], None] | None = None,
         local_reference: bool = False,
         report_disagreements: bool = True,
+        dtype_policy: str = "any",
     ) -> DistributedModelForCausalLM:
         """Join the swarm at `initial_peers` and run `model_dir`'s model through it.
 
@@ -116,9 +117,14 @@ class DistributedModelForCausalLM(nn.Module):
         trusted_verifiers: peer ids or full multiaddrs of the verifiers whose reputation
         records count; with report_disagreements, each DisagreementReport is sent to
         them (a multiaddr lets the client dial a verifier it is not connected to).
+        dtype_policy="float32": route and replicate only through servers that announce
+        float32 (answers are then compared with the float32 tolerance everywhere);
+        "any" (default) uses bfloat16 servers too. Every answer must be in the dtype its
+        server announced, whatever the policy.
         """
         check_tuning_options(tuning_mode, pre_seq_len)  # before anything starts
         check_redundancy(redundancy)
+        check_dtype_policy(dtype_policy)
         directory = ModelDir.open(model_dir)
         if not initial_peers:
             raise ValueError("initial_peers must name at least one peer of the swarm")
@@ -131,6 +137,7 @@ class DistributedModelForCausalLM(nn.Module):
             request_timeout=request_timeout,
             trust=trust,
             on_disagreement=on_disagreement,
+            dtype_policy=dtype_policy,
         )
         swarm = SwarmClient(
             make_host(identity, swarm_key),

@@ -17,7 +17,7 @@ from trustswarm.protocol.evidence import Evidence
 
 from .agreement import Answer, RedundantCall
 from .reference import LocalReference
-from .replicas import hosts_of, pick, segments
+from .replicas import hosts_of, pick
 from .routing import Hop
 from .rpc import SpanCall, call_span
 from .swarm import SwarmClient, SwarmView
@@ -32,7 +32,12 @@ class HopResult:
 
 def span_call(view: SwarmView, server: Announcement, start: int, end: int) -> SpanCall:
     return SpanCall(
-        ID.from_base58(server.peer_id), view.model_id, start, end, view.span_digest(start, end)
+        ID.from_base58(server.peer_id),
+        view.model_id,
+        start,
+        end,
+        view.span_digest(start, end),
+        server.dtype,
     )
 
 
@@ -155,7 +160,7 @@ class RedundantSpans:
         end: int,
     ) -> tuple[torch.Tensor, list[HopResult]]:
         results: list[HopResult] = []
-        for a, b in segments(self.view.usable(), start, end, self.k):
+        for a, b in self.view.segments(start, end, self.k):
             output, server = await self._call(
                 "forward",
                 protocols.FORWARD,

@@ -18,7 +18,6 @@ from trustswarm.protocol.evidence import Evidence
 from .agreement import Answer, RedundantCall
 from .redundant import choose_replicas
 from .reference import LocalReference
-from .replicas import segments
 from .routing import Hop
 from .rpc import close_quietly
 from .session import InferenceSession, _HopSession
@@ -47,7 +46,7 @@ class RedundantInferenceSession(InferenceSession):
 
     async def open(self) -> None:
         view = self.swarm.view
-        for start, end in segments(view.usable(), self.start, self.end, self.redundancy):
+        for start, end in view.segments(self.start, self.end, self.redundancy):
             group = _ReplicaGroup(start, end, [])
             self.groups.append(group)
             while len(group.replicas) < self.redundancy:

@@ -11,23 +11,32 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from trustswarm.protocol.codec import Message
+from trustswarm.protocol.codec import Message, dtype_name
 from trustswarm.protocol.digests import bytes_digest, tensors_digest
+from trustswarm.protocol.errors import ProtocolError
 from trustswarm.protocol.evidence import SignedExchange
 from trustswarm.protocol.framing import raise_if_error, receive_message, send_message
 from trustswarm.protocol.limits import DEFAULT_LIMITS, Limits
-from trustswarm.protocol.statement import Expectation, SignedStatement, check_statement
+from trustswarm.protocol.sessions import SessionChain
+from trustswarm.protocol.statement import (
+    Expectation,
+    SignedStatement,
+    Statement,
+    check_statement,
+)
 
 
 @dataclass(frozen=True)
 class SpanCall:
-    """Who computes which blocks, and what digest their weights must have."""
+    """Who computes which blocks, what digest their weights must have, and the dtype
+    the server announced (signed): its answers must be in it."""
 
     peer_id: ID
     model_id: str
     start: int
     end: int
     weights_digest: str
+    dtype: str
 
 
 async def open_stream(host: IHost, peer_id: ID, protocol: TProtocol, timeout: float) -> INetStream:
@@ -51,12 +60,29 @@ def checked_answer(
     raw_request: bytes,
     answer: Message,
     name: str,
-    session_id: str = "",
-    step: int = 0,
+    session: SessionChain | None = None,
 ) -> torch.Tensor:
     """Verify the signed statement of an answer field by field; return its tensor."""
+    return checked_statement(call, kind, raw_request, answer, name, session)[0]
+
+
+def checked_statement(
+    call: SpanCall,
+    kind: str,
+    raw_request: bytes,
+    answer: Message,
+    name: str,
+    session: SessionChain | None = None,
+) -> tuple[torch.Tensor, Statement]:
+    """Verify an answer: its wire dtype is the announced one, and its signed statement
+    matches the request field by field (for an inference step: `session`'s id, step and
+    chain link). Returns the tensor and the statement (to advance `session` with)."""
     raise_if_error(answer)
     tensor = answer.tensor(name)
+    if dtype_name(tensor.dtype) != call.dtype:
+        raise ProtocolError(
+            f"server announced {call.dtype} but answered in {dtype_name(tensor.dtype)}"
+        )
     signed = SignedStatement.from_meta(answer.meta)
     check_statement(
         signed,
@@ -69,11 +95,13 @@ def checked_answer(
             weights_digest=call.weights_digest,
             request_digest=bytes_digest(raw_request),
             output_digest=tensors_digest({name: tensor}),
-            session_id=session_id,
-            step=step,
+            dtype=call.dtype,
+            session_id=session.session_id if session else "",
+            step=session.step if session else 0,
+            chain=session.link if session else "",
         ),
     )
-    return tensor
+    return tensor, signed.statement
 
 
 def request_message(

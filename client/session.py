@@ -8,7 +8,7 @@ that hop's blocks is given the whole history in one step and generation goes on.
 from __future__ import annotations
 
 import logging
-import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,23 +18,61 @@ from libp2p.peer.id import ID
 
 from trustswarm.protocol import protocols
 from trustswarm.protocol.codec import Message
-from trustswarm.protocol.errors import SwarmError
+from trustswarm.protocol.errors import ProtocolError, SwarmError
 from trustswarm.protocol.evidence import SignedExchange
 from trustswarm.protocol.framing import raise_if_error, receive_message, send_message
+from trustswarm.protocol.sessions import (
+    SessionChain,
+    SessionError,
+    new_client_part,
+    session_id_of,
+)
 
 from .routing import Hop
-from .rpc import SpanCall, checked_answer, close_quietly, open_stream
+from .rpc import SpanCall, checked_statement, close_quietly, open_stream
 from .swarm import SwarmClient
 
 log = logging.getLogger("trustswarm.client")
+
+
+async def open_session(
+    stream: INetStream,
+    call: SpanCall,
+    max_length: int,
+    batch_size: int,
+    timeout: float,
+    client_part: str | None = None,
+) -> SessionChain:
+    """Open an inference session on `stream` (the client's wire code, also used by
+    verifier probes): send our half of the id, check the server's answer, return the
+    session at step 0. Raises RemoteError for an error frame, SessionError for an
+    answer that does not name a session built from our half and a server nonce."""
+    part = client_part or new_client_part()
+    opening = {
+        "start": str(call.start),
+        "end": str(call.end),
+        "session_id": part,
+        "max_length": str(max_length),
+        "batch_size": str(batch_size),
+    }
+    with trio.fail_after(timeout):
+        await send_message(stream, Message(meta=opening))
+        answer, _ = await receive_message(stream)
+    raise_if_error(answer)
+    try:
+        session_id = session_id_of(part, answer.field("nonce"))
+    except ProtocolError as exc:
+        raise SessionError(f"bad session open answer: {exc}") from None
+    if answer.meta.get("opened") != session_id:
+        raise SessionError("the server opened a session under another id")
+    return SessionChain(session_id)
 
 
 @dataclass
 class _HopSession:
     call: SpanCall
     stream: INetStream
-    session_id: str
-    step: int = 0
+    chain: SessionChain  # the session's id, next step and the link its statement carries
     # Everything this hop's blocks have been fed so far: the replay for a replacement.
     inputs: torch.Tensor | None = None
     positions: torch.Tensor | None = None
@@ -44,6 +82,14 @@ class _HopSession:
     @property
     def peer(self) -> str:
         return str(self.call.peer_id)
+
+    @property
+    def session_id(self) -> str:
+        return self.chain.session_id
+
+    @property
+    def step(self) -> int:
+        return self.chain.step
 
     def remember(self, hidden: torch.Tensor, positions: torch.Tensor) -> None:
         self.inputs = hidden if self.inputs is None else torch.cat([self.inputs, hidden], dim=1)
@@ -72,43 +118,49 @@ class InferenceSession:
     async def open(self) -> None:
         self.hops = await self._open_route(self.start, self.end)
 
+    async def open_on(self, route: Sequence[Hop]) -> None:
+        """Open the session on a route the caller chose (pinned servers) instead of
+        the view's best one; failover still picks replacements from the view."""
+        opened: list[_HopSession] = []
+        try:
+            for hop in route:
+                opened.append(await self._open_hop(hop))
+        except BaseException:
+            for h in opened:
+                await close_quietly(h.stream)
+            raise
+        self.hops = opened
+
     async def close(self) -> None:
         for hop in self.hops:
             await close_quietly(hop.stream)
         self.hops = []
 
+    def client_part(self) -> str:
+        """Our half of each hop's session id (the server adds the other half)."""
+        return new_client_part()
+
     async def _open_hop(self, hop: Hop) -> _HopSession:
         peer_id = ID.from_base58(hop.server.peer_id)
+        view = self.swarm.view
         call = SpanCall(
             peer_id,
-            self.swarm.view.model_id,
+            view.model_id,
             hop.start,
             hop.end,
-            self.swarm.view.span_digest(hop.start, hop.end),
+            view.span_digest(hop.start, hop.end),
+            hop.server.dtype,
         )
         await self.swarm.ensure_connected(peer_id)
         stream = await open_stream(self.swarm.host, peer_id, protocols.INFERENCE, self.timeout)
-        session_id = secrets.token_hex(16)
         try:
-            with trio.fail_after(self.timeout):
-                await send_message(
-                    stream,
-                    Message(
-                        meta={
-                            "start": str(hop.start),
-                            "end": str(hop.end),
-                            "session_id": session_id,
-                            "max_length": str(self.max_length),
-                            "batch_size": str(self.batch_size),
-                        }
-                    ),
-                )
-                answer, _ = await receive_message(stream)
-            raise_if_error(answer)
+            chain = await open_session(
+                stream, call, self.max_length, self.batch_size, self.timeout, self.client_part()
+            )
         except BaseException:
             await close_quietly(stream)
             raise
-        return _HopSession(call, stream, session_id)
+        return _HopSession(call, stream, chain)
 
     async def _open_route(self, start: int, end: int) -> list[_HopSession]:
         while True:
@@ -142,15 +194,15 @@ class InferenceSession:
         with trio.fail_after(self.timeout):
             raw = await send_message(hop.stream, request)
             answer, raw_answer = await receive_message(hop.stream)
-        output = checked_answer(
-            hop.call, "inference", raw, answer, "hidden_states", hop.session_id, hop.step
+        output, statement = checked_statement(
+            hop.call, "inference", raw, answer, "hidden_states", hop.chain
         )
         hop.transcript.append(SignedExchange(raw, raw_answer))
+        hop.chain.advance(statement)
         if output.shape != hidden.shape:
             raise SwarmError(
                 f"server answered shape {list(output.shape)}, expected {list(hidden.shape)}"
             )
-        hop.step += 1
         return output  # in the wire dtype: votes compare what the server sent
 
     def _admit(self, hidden: torch.Tensor) -> torch.Tensor:

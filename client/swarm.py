@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import multiaddr
 import trio
@@ -27,17 +28,29 @@ from trustswarm.protocol.evidence import DisagreementReport
 from trustswarm.protocol.identity import parse_peer_id
 from trustswarm.protocol.info import call_info
 from trustswarm.protocol.protocols import DHT_NAMESPACE
+from trustswarm.protocol.statement import DTYPES
 from trustswarm.protocol.transport import connect_peers, parse_peer_addr, running_host
 from trustswarm.reputation.gossip import record_relay
 from trustswarm.reputation.records import REPUTATION_NAMESPACE, ReputationValidator
 from trustswarm.reputation.score import OK
 
+from .replicas import segments
 from .reports import send_report
 from .routing import Hop, latency_route, throughput_route
 from .rpc import StreamPool
 from .trust import TrustFeed, TrustView
 
 log = logging.getLogger("trustswarm.client")
+T = TypeVar("T")
+# "any": every server whatever dtype it announces; "float32": only float32 servers, so
+# every answer is float32 and compared with the float32 tolerance.
+DTYPE_POLICIES = ("any", "float32")
+
+
+def check_dtype_policy(policy: str) -> str:
+    if policy not in DTYPE_POLICIES:
+        raise ValueError(f"dtype_policy must be one of {DTYPE_POLICIES}, got {policy!r}")
+    return policy
 
 
 @dataclass
@@ -66,6 +79,10 @@ class SwarmView:
     trust_events: list[DisagreementReport] = field(default_factory=list)
     on_disagreement: Callable[[DisagreementReport], None] | None = None
     outbox: list[DisagreementReport] = field(default_factory=list)  # for the verifiers
+    dtype_policy: str = "any"  # see DTYPE_POLICIES
+
+    def __post_init__(self) -> None:
+        check_dtype_policy(self.dtype_policy)
 
     def report_disagreement(self, report: DisagreementReport) -> None:
         """Ban the servers whose answers lost for the rest of this client's routing."""
@@ -96,6 +113,8 @@ class SwarmView:
             ann.start, ann.end
         ):
             return False
+        if ann.dtype not in DTYPES:  # it could not sign a valid answer
+            return False
         current = self.servers.get(ann.peer_id)
         if current is None or current.issued_at <= ann.issued_at:
             self.servers[ann.peer_id] = ann
@@ -118,7 +137,37 @@ class SwarmView:
             and peer not in self.banned_for_session
             and (peer not in self.bans or self.bans[peer].until <= now)
             and (self.trust is None or self.trust.allowed(peer, wall))
+            and self.dtype_allowed(ann)
         ]
+
+    def dtype_allowed(self, ann: Announcement) -> bool:
+        return self.dtype_policy == "any" or ann.dtype == self.dtype_policy
+
+    def _explained(self, route: Callable[[], T], start: int, end: int) -> T:
+        """Run `route`; when it finds no servers and the dtype policy left some out, say so."""
+        try:
+            return route()
+        except SwarmError as exc:
+            wall = time.time()
+            left_out = [
+                ann
+                for ann in self.servers.values()
+                if not self.dtype_allowed(ann)
+                and not ann.expired(wall)
+                and ann.start < end
+                and start < ann.end
+            ]
+            if not left_out:
+                raise
+            dtypes = ", ".join(sorted({ann.dtype for ann in left_out}))
+            raise SwarmError(
+                f"{exc} (dtype_policy={self.dtype_policy!r} leaves out {len(left_out)} "
+                f"server(s) for these blocks that announce {dtypes})"
+            ) from None
+
+    def segments(self, start: int, end: int, k: int) -> list[tuple[int, int]]:
+        """Blocks [start, end) cut for redundancy k over the usable servers."""
+        return self._explained(lambda: segments(self.usable(), start, end, k), start, end)
 
     def established(self, servers: list[Announcement]) -> list[Announcement]:
         """The servers trusted verifiers call ok (all of them without trusted verifiers)."""
@@ -146,13 +195,13 @@ class SwarmView:
             penalties = self._trust_map(servers, "penalty")
             return latency_route(servers, start, end, self.rtts, penalties)
 
-        return self._tiered(self.usable(exclude), route)
+        return self._explained(lambda: self._tiered(self.usable(exclude), route), start, end)
 
     def forward_route(self, start: int, end: int, rng: random.Random | None = None) -> list[Hop]:
         def route(servers: list[Announcement]) -> list[Hop]:
             return throughput_route(servers, start, end, rng, self._trust_map(servers, "weight"))
 
-        return self._tiered(self.usable(), route)
+        return self._explained(lambda: self._tiered(self.usable(), route), start, end)
 
     def _trust_map(self, servers: list[Announcement], kind: str) -> dict[str, float] | None:
         """Per-server route penalties or weights from reputation (None without trust)."""

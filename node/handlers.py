@@ -17,8 +17,8 @@ import trio
 from libp2p.abc import INetStream
 
 from trustswarm.models.compute import run_limited
-from trustswarm.models.runner import BlockRunner, RunnerError
-from trustswarm.protocol.codec import Message
+from trustswarm.models.runner import BlockRunner, InferenceCache, RunnerError
+from trustswarm.protocol.codec import Message, dtype_name
 from trustswarm.protocol.digests import bytes_digest, tensors_digest
 from trustswarm.protocol.errors import (
     BAD_REQUEST,
@@ -36,7 +36,13 @@ from trustswarm.protocol.framing import (
     send_message,
 )
 from trustswarm.protocol.identity import Identity
-from trustswarm.protocol.statement import Statement, sign_statement
+from trustswarm.protocol.sessions import (
+    SessionChain,
+    check_client_part,
+    new_server_nonce,
+    session_id_of,
+)
+from trustswarm.protocol.statement import SignedStatement, Statement, sign_statement
 
 from .config import ServerConfig
 from .requests import attention_mask_of, hidden_states_of, positions_of, validate_span
@@ -59,6 +65,10 @@ class ServingContext:
     async def run(self, fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
         return await run_limited(self.compute, fn, *args)
 
+    def session_nonce(self) -> str:
+        """The server's half of a new session's id: fresh randomness every time."""
+        return new_server_nonce()
+
     def signed_answer(
         self,
         kind: str,
@@ -70,8 +80,10 @@ class ServingContext:
         peer: str,
         session_id: str = "",
         step: int = 0,
+        chain: str = "",
     ) -> Message:
-        """Sign `output` as the answer to `raw_request` from `peer`."""
+        """Sign `output` as the answer to `raw_request` from `peer`, in its own dtype
+        (an honest server's compute dtype, the one it announced)."""
         tensors = {name: output.contiguous()}
         statement = Statement(
             kind=kind,
@@ -84,6 +96,8 @@ class ServingContext:
             output_digest=tensors_digest(tensors),
             session_id=session_id,
             step=step,
+            chain=chain,
+            dtype=dtype_name(output.dtype),
             timestamp=time.time(),
         )
         self.served_requests += 1
@@ -231,20 +245,45 @@ async def _backward_one(
     await send_message(stream, answer, ctx.config.limits)
 
 
-async def handle_inference(ctx: ServingContext, stream: INetStream) -> None:
-    """A long-lived session: one open frame, then one step frame per decoding step."""
+@dataclass
+class _OpenSession:
+    """One inference session on one stream: its span, limits, KV cache and chain."""
+
+    start: int
+    end: int
+    batch: int
+    max_length: int
+    nonce: str  # the server's half of the session id
+    chain: SessionChain
+    cache: InferenceCache | None = None
+
+
+def _session_request(ctx: ServingContext, opening: Message) -> _OpenSession:
+    """Validate an open frame; the session it asks for (no cache yet)."""
     config = ctx.config
-    opening, _ = await _receive(ctx, stream, config.request_timeout)
     start, end = validate_span(opening, ctx.runner.start, ctx.runner.end)
-    session_id = opening.field("session_id")
-    if not 8 <= len(session_id) <= 64 or not session_id.isascii():
-        raise ProtocolError("session_id must be 8-64 ASCII characters")
+    client_part = check_client_part(opening.field("session_id"))
     max_length = opening.int_field("max_length", low=1)
     batch = opening.int_field("batch_size", low=1)
     if max_length > config.max_session_tokens:
         raise LimitExceededError(f"max_length {max_length} exceeds {config.max_session_tokens}")
     if batch > config.max_batch:
         raise LimitExceededError(f"batch {batch} exceeds this server's max {config.max_batch}")
+    # The server draws half of the id: no client can open two sessions with one id.
+    nonce = ctx.session_nonce()
+    chain = SessionChain(session_id_of(client_part, nonce))
+    return _OpenSession(start, end, batch, max_length, nonce, chain)
+
+
+async def handle_inference(ctx: ServingContext, stream: INetStream) -> None:
+    """A long-lived session: one open frame, then one step frame per decoding step.
+
+    The open answer carries the session id (`<client part>.<server nonce>`) that every
+    step request and signed statement names; statement n carries the chain link of
+    steps 0..n-1 (protocol/sessions.py)."""
+    config = ctx.config
+    opening, _ = await _receive(ctx, stream, config.request_timeout)
+    session = _session_request(ctx, opening)
     if ctx.active_sessions >= config.max_sessions:
         await send_message(
             stream, error_message(BUSY, "too many inference sessions"), config.limits
@@ -252,37 +291,51 @@ async def handle_inference(ctx: ServingContext, stream: INetStream) -> None:
         return
     ctx.active_sessions += 1
     try:
-        cache = ctx.runner.new_cache(batch, max_length, start, end)
-        await send_message(stream, Message(meta={"opened": session_id}), config.limits)
-        step = 0
+        session.cache = ctx.runner.new_cache(
+            session.batch, session.max_length, session.start, session.end
+        )
+        opened = {"opened": session.chain.session_id, "nonce": session.nonce}
+        await send_message(stream, Message(meta=opened), config.limits)
         while True:
             try:
                 request, raw = await _receive(ctx, stream, config.session_idle_timeout)
             except StreamClosed:
                 return
-            if request.meta.get("session_id") != session_id or request.int_field("step") != step:
-                raise ProtocolError(f"expected step {step} of session {session_id}")
-            hidden = hidden_states_of(request, ctx.runner.hidden_size, config)
-            if hidden.shape[0] != batch:
-                raise ProtocolError(f"session batch is {batch}, got {hidden.shape[0]}")
-            tokens = hidden.shape[1]
-            if cache.length + tokens > max_length:
-                raise LimitExceededError(f"session would exceed its max_length {max_length}")
-            positions = positions_of(request, batch, tokens)
-            mask = attention_mask_of(request, batch, cache.length + tokens)
-            output = await ctx.run(ctx.runner.step, cache, hidden, positions, mask)
-            answer = ctx.signed_answer(
-                "inference",
-                start,
-                end,
-                raw,
-                output,
-                "hidden_states",
-                _peer(stream),
-                session_id,
-                step,
-            )
-            await send_message(stream, answer, config.limits)
-            step += 1
+            await _session_step(ctx, stream, session, request, raw)
     finally:
         ctx.active_sessions -= 1
+
+
+async def _session_step(
+    ctx: ServingContext, stream: INetStream, session: _OpenSession, request: Message, raw: bytes
+) -> None:
+    chain, batch, cache = session.chain, session.batch, session.cache
+    if (
+        request.meta.get("session_id") != chain.session_id
+        or request.int_field("step") != chain.step
+    ):
+        raise ProtocolError(f"expected step {chain.step} of session {chain.session_id}")
+    hidden = hidden_states_of(request, ctx.runner.hidden_size, ctx.config)
+    if hidden.shape[0] != batch:
+        raise ProtocolError(f"session batch is {batch}, got {hidden.shape[0]}")
+    tokens = hidden.shape[1]
+    if cache.length + tokens > session.max_length:
+        raise LimitExceededError(f"session would exceed its max_length {session.max_length}")
+    positions = positions_of(request, batch, tokens)
+    mask = attention_mask_of(request, batch, cache.length + tokens)
+    output = await ctx.run(ctx.runner.step, cache, hidden, positions, mask)
+    answer = ctx.signed_answer(
+        "inference",
+        session.start,
+        session.end,
+        raw,
+        output,
+        "hidden_states",
+        _peer(stream),
+        chain.session_id,
+        chain.step,
+        chain.link,
+    )
+    await send_message(stream, answer, ctx.config.limits)
+    # The next link follows what was signed (a subclass may sign something else).
+    chain.advance(SignedStatement.from_meta(answer.meta).statement)

@@ -27,6 +27,13 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "I32": torch.int32,
     "BOOL": torch.bool,
 }
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as statements and announcements name it: "float32", "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
 _FLOAT_CODES = frozenset({"F32", "BF16", "F16"})
 _HEADER_LEN = struct.Struct("<Q")
 

@@ -4,7 +4,10 @@ An exchange is a request exactly as the client sent it and the answer exactly as
 server returned it. The answer's signed statement covers the request's digest and
 the output's digest, so anyone with the reference weights can recompute it: a wrong
 signed answer is a fraud proof. For an inference step the earlier steps of the same
-session are part of the evidence, because the step's output depends on them.
+session are part of the evidence, because the step's output depends on them: they must
+run from step 0 without a gap, and each statement's chain link must be the one its
+predecessors give (protocol/sessions.py), so steps of different sessions, reordered or
+dropped steps, and steps of different servers never open as one transcript.
 
 Reports travel as one binary blob: magic, a length-prefixed JSON header, then the
 exchanges' bytes. Decoding checks every length before slicing anything.
@@ -19,10 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .codec import Message, decode_message
+from .codec import Message, decode_message, dtype_name
 from .digests import bytes_digest, tensors_digest
 from .errors import ProtocolError, SignatureError
 from .limits import DEFAULT_LIMITS, Limits
+from .sessions import SessionChain
 from .statement import SignedStatement, Statement
 
 _MAGIC = b"TSEV1\n"
@@ -51,7 +55,15 @@ class SignedExchange:
     answer: bytes
 
     def open(self, limits: Limits = DEFAULT_LIMITS) -> OpenedExchange:
-        """Decode both sides and check the signature and both digests."""
+        """Decode both sides and check the signature, both digests and the dtype."""
+        try:
+            return self._open(limits)
+        except EvidenceError:
+            raise
+        except ProtocolError as exc:
+            raise EvidenceError(f"malformed exchange: {exc}") from None
+
+    def _open(self, limits: Limits) -> OpenedExchange:
         request = decode_message(self.request, limits)
         answer = decode_message(self.answer, limits)
         try:
@@ -68,6 +80,10 @@ class SignedExchange:
         output = answer.tensor(name)
         if statement.output_digest != tensors_digest({name: output}):
             raise EvidenceError("the statement does not cover this output")
+        if dtype_name(output.dtype) != statement.dtype:
+            raise EvidenceError(
+                f"the output is {dtype_name(output.dtype)}; its statement says {statement.dtype}"
+            )
         return OpenedExchange(statement, request, output)
 
 
@@ -78,26 +94,24 @@ class Evidence:
     exchanges: tuple[SignedExchange, ...]
 
     def open(self, limits: Limits = DEFAULT_LIMITS) -> list[OpenedExchange]:
+        """Open every exchange; several only as one server's session, contiguous from
+        step 0 and chained link by link. Raises EvidenceError for anything else: it never
+        returns a transcript that does not hold together."""
         if not 1 <= len(self.exchanges) <= MAX_EXCHANGES:
             raise EvidenceError(f"evidence must hold 1..{MAX_EXCHANGES} exchanges")
         opened = [e.open(limits) for e in self.exchanges]
         first = opened[0].statement
         if len(opened) > 1 and first.kind != "inference":
             raise EvidenceError("only an inference session has several exchanges")
-        for i, item in enumerate(opened):
+        owner = (first.kind, first.server_peer_id, first.model_id, first.start, first.end)
+        for item in opened:
             s = item.statement
-            same = (s.kind, s.server_peer_id, s.model_id, s.start, s.end, s.session_id)
-            if same != (
-                first.kind,
-                first.server_peer_id,
-                first.model_id,
-                first.start,
-                first.end,
-                first.session_id,
+            if (s.kind, s.server_peer_id, s.model_id, s.start, s.end) != owner or (
+                s.session_id != first.session_id
             ):
                 raise EvidenceError("exchanges do not belong to one server's session")
-            if s.kind == "inference" and s.step != i:
-                raise EvidenceError(f"exchange {i} is step {s.step}; steps must start at 0")
+        if first.kind == "inference":
+            _check_chain([item.statement for item in opened])
         return opened
 
     @property
@@ -227,6 +241,20 @@ class DisagreementReport:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise EvidenceError(f"malformed report header: {exc!r}") from None
+
+
+def _check_chain(statements: list[Statement]) -> None:
+    """Steps 0, 1, 2, ... of one session, each carrying the link of the steps before it."""
+    chain = SessionChain(statements[0].session_id)
+    for i, s in enumerate(statements):
+        if s.step != chain.step:
+            raise EvidenceError(f"exchange {i} is step {s.step}; steps must run 0, 1, 2, ...")
+        if s.chain != chain.link:
+            raise EvidenceError(
+                f"step {i} is not chained to the steps before it in this transcript "
+                "(spliced, reordered or shortened)"
+            )
+        chain.advance(s)
 
 
 def _text(value: object) -> str:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from libp2p.custom_types import TProtocol
 
-PROTOCOL_VERSION = "1"
+PROTOCOL_VERSION = "2"
 INFO = TProtocol("/trustswarm/info/1")
 FORWARD = TProtocol("/trustswarm/forward/1")
 BACKWARD = TProtocol("/trustswarm/backward/1")
-INFERENCE = TProtocol("/trustswarm/inference/1")
+INFERENCE = TProtocol("/trustswarm/inference/2")
 # Fraud reports to a verifier: one DisagreementReport per stream, one verdict back.
 REPORT = TProtocol("/trustswarm/report/1")
 

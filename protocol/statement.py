@@ -1,6 +1,8 @@
 """Signed statements: what a server vouches for with every answer.
 
-A statement binds the server's identity to (model, span, weights, request, output).
+A statement binds the server's identity to (model, span, weights, request, output,
+the output's dtype) and, for an inference step, to its session and every earlier step
+of it (the chain link, protocol/sessions.py).
 Anyone with the request, the answer and the reference weights can recompute the
 answer, so a signed wrong statement is a fraud proof against its signer.
 """
@@ -17,8 +19,10 @@ from .errors import ProtocolError, SignatureError
 from .identity import Identity, parse_peer_id, verify_peer_signature
 from .protocols import PROTOCOL_VERSION
 
-_DOMAIN = b"trustswarm-statement-v1\n"
+_DOMAIN = b"trustswarm-statement-v2\n"
 KINDS = frozenset({"forward", "inference", "backward"})
+# Wire dtypes a server may compute and answer in (torch names without "torch.").
+DTYPES = frozenset({"float32", "bfloat16", "float16"})
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -34,6 +38,8 @@ class Statement:
     output_digest: str
     session_id: str  # "" outside inference sessions
     step: int  # 0 outside inference sessions
+    chain: str  # inference: link of steps 0..step-1 (protocol/sessions.py); "" otherwise
+    dtype: str  # the output's wire dtype, the server's compute dtype (one of DTYPES)
     timestamp: float
     version: str = PROTOCOL_VERSION
 
@@ -56,6 +62,8 @@ class Statement:
             "request_digest",
             "output_digest",
             "session_id",
+            "chain",
+            "dtype",
             "version",
         )
         if not all(isinstance(raw[f], str) and len(raw[f]) <= 256 for f in str_fields):
@@ -67,9 +75,29 @@ class Statement:
         if raw["kind"] not in KINDS:
             raise ProtocolError(f"statement kind {raw['kind'][:20]!r} is unknown")
         for f in ("weights_digest", "request_digest", "output_digest"):
-            if len(raw[f]) != 64 or not set(raw[f]) <= _HEX:
+            if not _is_digest(raw[f]):
                 raise ProtocolError(f"statement {f} is not a sha256 hex digest")
+        if raw["dtype"] not in DTYPES:
+            raise ProtocolError(
+                f"statement dtype {raw['dtype'][:20]!r} is not one of {sorted(DTYPES)}"
+            )
+        _check_session_fields(raw)
         return cls(**raw)
+
+
+def _is_digest(text: str) -> bool:
+    return len(text) == 64 and set(text) <= _HEX
+
+
+def _check_session_fields(raw: dict) -> None:
+    """Inference statements carry a session id and a chain link; others carry neither."""
+    if raw["kind"] == "inference":
+        if not raw["session_id"] or raw["step"] < 0:
+            raise ProtocolError("an inference statement needs a session id and a step >= 0")
+        if not _is_digest(raw["chain"]):
+            raise ProtocolError("an inference statement's chain is not a sha256 hex digest")
+    elif raw["session_id"] or raw["step"] or raw["chain"]:
+        raise ProtocolError(f"a {raw['kind']} statement carries no session, step or chain")
 
 
 @dataclass(frozen=True)
@@ -123,8 +151,10 @@ class Expectation:
     weights_digest: str
     request_digest: str
     output_digest: str
+    dtype: str  # what the server announced (its signed announcement's dtype)
     session_id: str = ""
     step: int = 0
+    chain: str = ""
     max_clock_skew: float = 300.0
 
 
@@ -145,6 +175,8 @@ def check_statement(signed: SignedStatement, expected: Expectation) -> None:
             ("output_digest", s.output_digest, expected.output_digest),
             ("session_id", s.session_id, expected.session_id),
             ("step", s.step, expected.step),
+            ("chain", s.chain, expected.chain),
+            ("dtype", s.dtype, expected.dtype),
             ("version", s.version, PROTOCOL_VERSION),
         )
         if got != want

@@ -10,6 +10,10 @@ Output tampering (noise, scale, replay) acts on the answer just before it is sig
 on a `fraction` of answers, optionally only for peers it has (not) seen before.
 Weight tampering (skip_block, wrong_weights, quantized) changes the loaded blocks, so
 every answer of every kind is wrong; it ignores `fraction` and `peers`.
+
+`dtype_liar_server_cls` announces float32 while computing in bfloat16: it answers in
+bfloat16 (the dtype checks refuse it) or casts each answer to float32 first (only the
+float32 tolerance can tell).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 from trustswarm.models.runner import BlockRunner
 from trustswarm.node.handlers import ServingContext
 from trustswarm.node.server import BlockServer
+from trustswarm.protocol.announcement import SignedAnnouncement, sign_announcement
 from trustswarm.protocol.codec import Message
 
 log = logging.getLogger("trustswarm.adversary")
@@ -93,6 +98,7 @@ class TamperingContext(ServingContext):
         peer: str,
         session_id: str = "",
         step: int = 0,
+        chain: str = "",
     ) -> Message:
         honest = output
         if (self.tamper.only in (None, kind)) and self._chosen(peer):
@@ -101,7 +107,7 @@ class TamperingContext(ServingContext):
             log.warning("tampered answer #%d (%s to %s)", self.tampered, kind, peer[-8:])
         self.previous[tuple(honest.shape)] = honest.detach().clone()
         return super().signed_answer(
-            kind, start, end, raw_request, output, name, peer, session_id, step
+            kind, start, end, raw_request, output, name, peer, session_id, step, chain
         )
 
 
@@ -168,3 +174,47 @@ def adversarial_server_cls(tamper: Tamper, boast: float = 1.0) -> type[BlockServ
 
     AdversarialServer.__name__ = f"AdversarialServer[{tamper.kind}]"
     return AdversarialServer
+
+
+@dataclass
+class UpcastingContext(ServingContext):
+    """Signs every answer as float32, whatever precision it was computed in."""
+
+    def signed_answer(  # type: ignore[override]
+        self,
+        kind: str,
+        start: int,
+        end: int,
+        raw_request: bytes,
+        output: torch.Tensor,
+        name: str,
+        peer: str,
+        session_id: str = "",
+        step: int = 0,
+        chain: str = "",
+    ) -> Message:
+        return super().signed_answer(
+            kind, start, end, raw_request, output.float(), name, peer, session_id, step, chain
+        )
+
+
+def dtype_liar_server_cls(
+    announced: str = "float32", upcast: bool = False, boast: float = 1.0
+) -> type[BlockServer]:
+    """A BlockServer that announces `announced` whatever dtype it computes in (start it
+    with dtype=torch.bfloat16 to claim float32 precision). upcast=False: it answers in
+    its compute dtype; upcast=True: it casts each answer to float32 before signing.
+    `boast` multiplies the throughput it announces, to attract routes."""
+
+    class DtypeLiar(BlockServer):
+        def _announce_record(self) -> SignedAnnouncement:
+            honest = super()._announce_record().announcement
+            return sign_announcement(self.identity, dataclasses.replace(honest, dtype=announced))
+
+        def _make_context(self) -> ServingContext:
+            self.throughput *= boast
+            ctx = super()._make_context()
+            return derived_context(ctx, UpcastingContext) if upcast else ctx
+
+    DtypeLiar.__name__ = f"DtypeLiar[{announced}{', upcast' if upcast else ''}]"
+    return DtypeLiar

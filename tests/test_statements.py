@@ -20,6 +20,7 @@ from trustswarm.protocol.errors import IdentityError, ProtocolError, SignatureEr
 from trustswarm.protocol.identity import Identity, parse_peer_id, verify_peer_signature
 from trustswarm.protocol.protocols import PROTOCOL_VERSION
 from trustswarm.protocol.statement import (
+    DTYPES,
     KINDS,
     Expectation,
     SignedStatement,
@@ -47,6 +48,8 @@ def make_statement(identity: Identity = A, **overrides: object) -> Statement:
         "output_digest": bytes_digest(b"output"),
         "session_id": "session-1",
         "step": 4,
+        "chain": bytes_digest(b"steps 0..3"),
+        "dtype": "float32",
         "timestamp": time.time(),
     }
     fields.update(overrides)
@@ -65,6 +68,8 @@ def expectation_for(s: Statement, **overrides: object) -> Expectation:
         "output_digest": s.output_digest,
         "session_id": s.session_id,
         "step": s.step,
+        "chain": s.chain,
+        "dtype": s.dtype,
     }
     fields.update(overrides)
     return Expectation(**fields)  # type: ignore[arg-type]
@@ -82,6 +87,8 @@ FIELD_VALUES: dict[str, st.SearchStrategy] = {
     "output_digest": hex64,
     "session_id": st.text(max_size=40),
     "step": st.integers(-(2**40), 2**40),
+    "chain": hex64 | st.just("") | st.text(max_size=70),
+    "dtype": st.sampled_from(sorted(DTYPES)) | st.text(max_size=10),
     "timestamp": st.floats(allow_nan=False, allow_infinity=False),
     "version": st.text(max_size=10),
 }
@@ -254,11 +261,71 @@ def test_bad_signature_field(meta: dict[str, str]) -> None:
         _meta_with(output_digest="g" * 64),
         _meta_with(extra="field"),
         _meta_with(version=_DROP),
+        _meta_with(chain=_DROP),
+        _meta_with(dtype=_DROP),
+        _meta_with(chain=""),  # an inference step chained to nothing
+        _meta_with(chain="A" * 64),
+        _meta_with(chain="a" * 63),
+        _meta_with(chain=None),
+        _meta_with(dtype="float64"),
+        _meta_with(dtype="torch.float32"),
+        _meta_with(dtype=""),
+        _meta_with(dtype=32),
+        _meta_with(session_id=""),
+        _meta_with(step=-1),
+        _meta_with(kind="forward"),  # still carries a session, a step and a chain
+        _meta_with(kind="backward", session_id="", step=0),  # ... a chain
+        _meta_with(kind="forward", session_id="", chain=""),  # ... a step
+        _meta_with(kind="forward", step=0, chain=""),  # ... a session id
     ],
 )
 def test_malformed_statement(meta: dict[str, str]) -> None:
     with pytest.raises(ProtocolError):
         SignedStatement.from_meta(meta)
+
+
+SESSION_FIELD_VALUES = {
+    "kind": st.sampled_from(sorted(KINDS)),
+    "session_id": st.sampled_from(["", "abcdefgh." + "0" * 32]) | st.text(max_size=12),
+    "step": st.sampled_from([0, 1]) | st.integers(-5, 5),
+    "chain": st.sampled_from(["", "0" * 64]) | hex64 | st.text(max_size=70),
+    "dtype": st.sampled_from(sorted(DTYPES)) | st.text(max_size=12),
+}
+
+
+def _session_rule_holds(raw: dict) -> bool:
+    """The statement rule, written out once more: what from_json must accept."""
+    hex_digest = len(raw["chain"]) == 64 and set(raw["chain"]) <= set("0123456789abcdef")
+    if raw["dtype"] not in ("float32", "bfloat16", "float16"):
+        return False
+    if raw["kind"] == "inference":
+        return bool(raw["session_id"]) and raw["step"] >= 0 and hex_digest
+    return raw["session_id"] == "" and raw["step"] == 0 and raw["chain"] == ""
+
+
+@SETTINGS
+@given(values=st.fixed_dictionaries(SESSION_FIELD_VALUES))
+def test_session_fields_and_dtype_follow_the_rule(values: dict) -> None:
+    """kind, session id, step, chain and dtype: accepted exactly when the rule holds,
+    and what is accepted round-trips unchanged."""
+    meta = _meta_with(**values)
+    if not _session_rule_holds(values):
+        with pytest.raises(ProtocolError):
+            SignedStatement.from_meta(meta)
+        return
+    parsed = SignedStatement.from_meta(meta).statement
+    assert {k: getattr(parsed, k) for k in values} == values
+
+
+def test_statement_domain_is_v2() -> None:
+    """The format changed (chain, dtype): a v1 signature over the same fields is no
+    statement signature now."""
+    s = make_statement()
+    old = b"trustswarm-statement-v1\n" + s.canonical_bytes().split(b"\n", 1)[1]
+    assert s.canonical_bytes().startswith(b"trustswarm-statement-v2\n")
+    with pytest.raises(SignatureError):
+        SignedStatement(s, A.sign(old)).verify()
+    assert PROTOCOL_VERSION == "2"
 
 
 # --------------------------------------------------------------------------- check_statement
@@ -274,6 +341,8 @@ EXPECTATION_VALUES: dict[str, st.SearchStrategy] = {
     "output_digest": hex64,
     "session_id": st.text(max_size=20),
     "step": st.integers(0, 100),
+    "chain": hex64 | st.just(""),
+    "dtype": st.sampled_from(sorted(DTYPES)),
 }
 
 
@@ -288,11 +357,13 @@ def test_check_statement_rejects_any_mismatch(data: st.DataObject) -> None:
 
 
 def test_check_statement_accepts_exact_match_outside_sessions() -> None:
-    s = make_statement(kind="forward", session_id="", step=0)
+    s = make_statement(kind="forward", session_id="", step=0, chain="")
     check_statement(sign_statement(A, s), expectation_for(s))
     # Defaults of Expectation are "no session".
     expected = expectation_for(s)
-    check_statement(sign_statement(A, s), dataclasses.replace(expected, session_id="", step=0))
+    check_statement(
+        sign_statement(A, s), dataclasses.replace(expected, session_id="", step=0, chain="")
+    )
 
 
 def test_check_statement_rejects_other_protocol_version() -> None:

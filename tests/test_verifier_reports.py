@@ -66,9 +66,9 @@ def evidence_from(swarm, verifier, server, inference: bool) -> Evidence:
 
     async def run() -> Evidence:
         challenge = await v.compute(v.checker.factory.make, 1, 5, 2 if inference else 0)
-        call = SpanCall(
-            parse_peer_id(server.peer_id), v.model_id, 1, 5, v.model_dir.manifest.span_digest(1, 5)
-        )
+        digest = v.model_dir.manifest.span_digest(1, 5)
+        dtype = server.server.announcement.announcement.dtype
+        call = SpanCall(parse_peer_id(server.peer_id), v.model_id, 1, 5, digest, dtype)
         host = fresh_host()
         async with running_host(host, []):
             return await probe(host, call, server.addrs, challenge, inference, 10.0)

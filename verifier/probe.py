@@ -10,7 +10,6 @@ client does. What comes back is the evidence: each request and answer byte for b
 from __future__ import annotations
 
 import random
-import secrets
 from collections.abc import Sequence
 
 import multiaddr
@@ -20,8 +19,9 @@ from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import PeerInfo
 
-from trustswarm.client.rpc import SpanCall, checked_answer, close_quietly, open_stream
+from trustswarm.client.rpc import SpanCall, checked_statement, close_quietly, open_stream
 from trustswarm.client.rpc import request_message as span_request
+from trustswarm.client.session import open_session
 from trustswarm.protocol import protocols
 from trustswarm.protocol.codec import Message
 from trustswarm.protocol.errors import ProtocolError, SignatureError, TrustswarmError
@@ -29,6 +29,7 @@ from trustswarm.protocol.evidence import Evidence, SignedExchange
 from trustswarm.protocol.framing import raise_if_error, receive_message, send_message
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.info import call_info
+from trustswarm.protocol.sessions import SessionChain, SessionError
 from trustswarm.protocol.transport import make_host
 
 from .challenges import Challenge
@@ -76,17 +77,19 @@ def _checked(
     kind: str,
     raw: bytes,
     answer: Message,
-    session_id: str = "",
-    step: int = 0,
+    session: SessionChain | None = None,
     name: str = "hidden_states",
 ) -> None:
-    """The client's checks. A signed answer of the wrong shape passes here: it is still
+    """The client's checks (signature, every field, the announced dtype); a session
+    advances past the step. A signed answer of the wrong shape passes here: it is still
     a signed statement, and the judge's comparison turns it into proof."""
     raise_if_error(answer)  # RemoteError: the server declined; not evidence of anything
     try:
-        checked_answer(call, kind, raw, answer, name, session_id, step)
+        _, statement = checked_statement(call, kind, raw, answer, name, session)
     except (SignatureError, ProtocolError) as exc:
         raise InvalidAnswer(f"{kind} answer fails the client's checks: {exc}") from None
+    if session is not None:
+        session.advance(statement)
 
 
 async def _forward(host: IHost, call: SpanCall, challenge: Challenge, timeout: float):
@@ -136,38 +139,26 @@ async def _session(
 ) -> list[SignedExchange]:
     # A client asks for prompt + max_new_tokens and may stop early (end of sequence).
     max_length = challenge.total_tokens + rng.choice((0, 0, 4, 16, 32))
-    session_id = secrets.token_hex(16)
     stream = await open_stream(host, call.peer_id, protocols.INFERENCE, timeout)
     exchanges: list[SignedExchange] = []
     try:
-        with trio.fail_after(timeout):
-            await send_message(
-                stream,
-                Message(
-                    meta={
-                        "start": str(call.start),
-                        "end": str(call.end),
-                        "session_id": session_id,
-                        "max_length": str(max_length),
-                        "batch_size": "1",
-                    }
-                ),
-            )
-            opened, _ = await receive_message(stream)
-        raise_if_error(opened)
-        for i, step in enumerate(challenge.steps):
+        try:
+            session = await open_session(stream, call, max_length, 1, timeout)
+        except SessionError as exc:  # not a lost stream or a declined session: a bad answer
+            raise InvalidAnswer(f"inference open answer fails the client's checks: {exc}") from None
+        for step in challenge.steps:
             request = Message(
                 tensors={
                     "hidden_states": step.hidden,
                     "position_ids": step.positions,
                     "attention_mask": step.mask,
                 },
-                meta={"session_id": session_id, "step": str(i)},
+                meta={"session_id": session.session_id, "step": str(session.step)},
             )
             with trio.fail_after(timeout):
                 raw = await send_message(stream, request)
                 answer, raw_answer = await receive_message(stream)
-            _checked(call, "inference", raw, answer, session_id, i)
+            _checked(call, "inference", raw, answer, session)
             exchanges.append(SignedExchange(raw, raw_answer))
     finally:
         await close_quietly(stream)

@@ -135,9 +135,8 @@ class SpotChecker:
                 challenge = await self.compute(self.factory.make_backward, start, end)
             else:
                 challenge = await self.compute(self.factory.make, start, end, steps)
-            call = SpanCall(
-                ID.from_base58(peer), self.model_id, start, end, self.view.span_digest(start, end)
-            )
+            digest = self.view.span_digest(start, end)
+            call = SpanCall(ID.from_base58(peer), self.model_id, start, end, digest, ann.dtype)
             try:
                 try:
                     async with running_host(host, []):
