@@ -18,9 +18,11 @@ from typing import Generic, TypeVar
 import torch
 import trio
 
+from trustswarm.protocol.codec import dtype_name
 from trustswarm.protocol.comparator import compare
 from trustswarm.protocol.errors import SwarmError
 from trustswarm.protocol.evidence import DisagreementReport, Evidence, ReplicaAnswer
+from trustswarm.protocol.next_token import compare_next_token, next_token_tolerance
 
 from .replicas import quorum
 
@@ -50,25 +52,49 @@ class Decision:
     winner: int | None
 
 
-def cluster(outputs: Sequence[torch.Tensor], kind: str) -> list[int]:
+Logits = Callable[[torch.Tensor], torch.Tensor]
+
+
+def agreeing(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    kind: str,
+    logits_a: torch.Tensor | None = None,
+    logits_b: torch.Tensor | None = None,
+) -> bool:
+    """The hidden-state comparator; where the next-token logits of both answers are known
+    (a span ending at the last block, with the client's own LM head), also the next-token
+    comparator: replicas that lead to different next tokens beyond a near-tie disagree."""
+    if not compare(a, b, kind=kind).agree:
+        return False
+    if logits_a is None or logits_b is None:
+        return True
+    tolerance = next_token_tolerance(dtype_name(a.dtype), dtype_name(b.dtype))
+    return compare_next_token(logits_a, logits_b, tolerance).agree
+
+
+def cluster(outputs: Sequence[torch.Tensor], kind: str, logits: Logits | None = None) -> list[int]:
     """Greedy clustering: each output joins the first cluster whose first member it
     agrees with (the comparator is not transitive; the first member anchors)."""
-    anchors: list[torch.Tensor] = []
+    heads = [logits(o) if logits is not None and kind == "hidden" else None for o in outputs]
+    anchors: list[int] = []
     numbers: list[int] = []
-    for output in outputs:
+    for j, output in enumerate(outputs):
         for i, anchor in enumerate(anchors):
-            if compare(anchor, output, kind=kind).agree:
+            if agreeing(outputs[anchor], output, kind, heads[anchor], heads[j]):
                 numbers.append(i)
                 break
         else:
-            anchors.append(output)
+            anchors.append(j)
             numbers.append(len(anchors) - 1)
     return numbers
 
 
-def decide(outputs: Sequence[torch.Tensor], k: int, kind: str) -> Decision:
+def decide(
+    outputs: Sequence[torch.Tensor], k: int, kind: str, logits: Logits | None = None
+) -> Decision:
     """The winning cluster: at least quorum(k) members and strictly larger than any other."""
-    numbers = cluster(outputs, kind)
+    numbers = cluster(outputs, kind, logits)
     sizes = Counter(numbers).most_common()
     if not sizes:
         return Decision(numbers, None)
@@ -107,6 +133,8 @@ class RedundantCall(Generic[R]):
     report: Callable[[DisagreementReport], None]  # bans the accused, records, notifies
     local: Callable[[], Awaitable[torch.Tensor]] | None = None
     max_escalations: int | None = None  # default: k
+    # Next-token logits of an answer (spans ending at the last block): votes compare them.
+    logits: Logits | None = None
 
     @property
     def comparator_kind(self) -> str:
@@ -150,7 +178,8 @@ class RedundantCall(Generic[R]):
                 pending.append(spare)
             if pending:
                 continue
-            decision = decide([a.output for _, a in answered], self.k, self.comparator_kind)
+            outputs = [a.output for _, a in answered]
+            decision = decide(outputs, self.k, self.comparator_kind, self.logits)
             if decision.winner is None and escalations < budget:
                 spare = await self.spare(asked)
                 if spare is not None:
@@ -164,6 +193,13 @@ class RedundantCall(Generic[R]):
                     pending.append(spare)
         return await self._conclude(answered, dropped, decision, escalations)
 
+    def _logits_pair(
+        self, a: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.logits is None or self.comparator_kind != "hidden":
+            return None, None
+        return self.logits(a), self.logits(b)
+
     async def _conclude(
         self,
         answered: list[tuple[R, Answer]],
@@ -176,12 +212,17 @@ class RedundantCall(Generic[R]):
             resolution = "escalation"
         if winner is None and self.local is not None and answered:
             reference = await self.local()
-            agreeing = [
+            with_reference = [
                 n
                 for n, (_, a) in zip(decision.clusters, answered, strict=True)
-                if compare(reference, a.output, kind=self.comparator_kind).agree
+                if agreeing(
+                    reference,
+                    a.output,
+                    self.comparator_kind,
+                    *self._logits_pair(reference, a.output),
+                )
             ]
-            winner = agreeing[0] if agreeing else None
+            winner = with_reference[0] if with_reference else None
             resolution, output = "local", reference
         if winner is None and output is None:
             resolution = "unresolved"

@@ -26,6 +26,7 @@ from .sequential import RemotePasses
 from .session import InferenceSession
 from .swarm import SwarmClient, SwarmView, check_dtype_policy
 from .trust import make_trust_view
+from .vote_head import VoteHead
 
 log = logging.getLogger("trustswarm.client")
 
@@ -80,8 +81,11 @@ class DistributedModelForCausalLM(nn.Module):
         self.swarm = swarm
         self.redundancy = redundancy
         self.reference = LocalReference(model_dir) if local_reference else None
-        self.passes = RemotePasses(swarm, redundancy=redundancy, reference=self.reference)
         self.num_blocks = model_dir.num_blocks
+        self.vote_head = VoteHead(self.norm, self.lm_head, self.num_blocks)
+        self.passes = RemotePasses(
+            swarm, redundancy=redundancy, reference=self.reference, head=self.vote_head
+        )
         # Prompt tuning: the only trainable parameters (client parts are frozen).
         self.soft_prompt = SoftPrompt(prompt_len, self.embed_tokens) if prompt_len else None
 
@@ -240,7 +244,9 @@ class DistributedModelForCausalLM(nn.Module):
         session = (
             InferenceSession(*args)
             if k == 1
-            else RedundantInferenceSession(*args, redundancy=k, reference=self.reference)
+            else RedundantInferenceSession(
+                *args, redundancy=k, reference=self.reference, head=self.vote_head
+            )
         )
         self.run_async(session.open)
         sync = SyncInferenceSession(self, session)

@@ -21,6 +21,7 @@ from .replicas import hosts_of, pick
 from .routing import Hop
 from .rpc import SpanCall, call_span
 from .swarm import SwarmClient, SwarmView
+from .vote_head import VoteHead
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,14 @@ class RedundantSpans:
         k: int,
         max_failures: int = 8,
         reference: LocalReference | None = None,
+        head: VoteHead | None = None,
     ) -> None:
         self.swarm = swarm
         self.k = k
         self.max_failures = max_failures
         self.failures = 0
         self.reference = reference
+        self.head = head  # votes on the last span also compare next-token logits
 
     @property
     def view(self) -> SwarmView:
@@ -147,6 +150,7 @@ class RedundantSpans:
             fail=self._fail,
             report=self.view.report_disagreement,
             local=local if self.reference is not None and self.reference.has(start, end) else None,
+            logits=self.head.for_span(end) if self.head is not None else None,
         )
         outcome = await call.run(self._choose(start, end, self.k, set()))
         return outcome.output, (outcome.kept or outcome.dropped)[0]

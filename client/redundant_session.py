@@ -21,6 +21,7 @@ from .reference import LocalReference
 from .routing import Hop
 from .rpc import close_quietly
 from .session import InferenceSession, _HopSession
+from .vote_head import VoteHead
 
 
 @dataclass
@@ -42,6 +43,7 @@ class _ReplicaGroup:
 class RedundantInferenceSession(InferenceSession):
     redundancy: int = 2
     reference: LocalReference | None = None  # the client's own blocks, the tie-breaker
+    head: VoteHead | None = None  # votes on the last span also compare next-token logits
     groups: list[_ReplicaGroup] = field(default_factory=list)
 
     async def open(self) -> None:
@@ -136,6 +138,7 @@ class RedundantInferenceSession(InferenceSession):
             spare=spare,
             fail=fail,
             report=self.swarm.view.report_disagreement,
+            logits=self.head.for_span(group.end) if self.head is not None else None,
             local=local
             if self.reference is not None and self.reference.has(group.start, group.end)
             else None,

@@ -15,6 +15,7 @@ from .reference import LocalReference
 from .routing import Hop
 from .rpc import SpanCall, call_span
 from .swarm import SwarmClient
+from .vote_head import VoteHead
 
 log = logging.getLogger("trustswarm.client")
 
@@ -29,6 +30,7 @@ class RemotePasses:
         max_failures: int = 8,
         redundancy: int = 1,
         reference: LocalReference | None = None,
+        head: VoteHead | None = None,
     ) -> None:
         if redundancy < 1:
             raise ValueError("redundancy must be at least 1")
@@ -36,9 +38,12 @@ class RemotePasses:
         self.max_failures = max_failures
         self.redundancy = redundancy
         self.reference = reference
+        self.head = head
 
     def _redundant(self) -> RedundantSpans:
-        return RedundantSpans(self.swarm, self.redundancy, self.max_failures, self.reference)
+        return RedundantSpans(
+            self.swarm, self.redundancy, self.max_failures, self.reference, self.head
+        )
 
     def _call(self, hop: Hop) -> SpanCall:
         return span_call(self.swarm.view, hop.server, hop.start, hop.end)

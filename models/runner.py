@@ -12,6 +12,7 @@ import torch
 from transformers import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from trustswarm.models.residual import ScaleRecorder, recording, token_peak
 from trustswarm.models.store import ModelDir
 
 
@@ -228,3 +229,57 @@ class BlockRunner:
             out = self._run(x, pos, mask, None, span)
             (grad,) = torch.autograd.grad(out, x, g.clone())
         return grad.detach()
+
+    # -- with the residual scale (verifiers: the scale a proof is measured against) -------
+
+    def _blocks_of(self, span: tuple[int, int]) -> list:
+        return self.blocks[span[0] - self.start : span[1] - self.start]
+
+    def forward_with_scale(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """forward() and, per token, max|input| + the peak of every residual term the span
+        adds (models/residual.py); None for architectures without recognisable terms."""
+        span = self._span(start, end)
+        with recording(self._blocks_of(span), backward=False) as recorder:
+            out = self.forward(hidden_states, position_ids, attention_mask, *span)
+        return out, _scale(recorder, hidden_states)
+
+    def step_with_scale(
+        self,
+        cache: InferenceCache,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """step() and the residual scale of the new tokens."""
+        with recording(self._blocks_of(self._span(*cache.span)), backward=False) as recorder:
+            out = self.step(cache, hidden_states, position_ids, attention_mask)
+        return out, _scale(recorder, hidden_states)
+
+    def backward_with_scale(
+        self,
+        hidden_states: torch.Tensor,
+        grad_outputs: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """backward() and, per token, max|grad_outputs| + the peak of every branch's
+        contribution to the input gradient."""
+        span = self._span(start, end)
+        with recording(self._blocks_of(span), backward=True) as recorder:
+            out = self.backward(hidden_states, grad_outputs, position_ids, attention_mask, *span)
+        return out, _scale(recorder, grad_outputs)
+
+
+def _scale(recorder: ScaleRecorder | None, first_term: torch.Tensor) -> torch.Tensor | None:
+    if recorder is None or recorder.total is None:
+        return None
+    return recorder.total + token_peak(first_term)

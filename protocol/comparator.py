@@ -32,6 +32,18 @@ out a handful of channels per token makes honest bfloat16 read ~2 % and keeps a 
 5 % change at 5 % (the cost: up to ``outlier_channels`` channels per token may be changed
 within the max-abs guard; see bench/results/calibration.md).
 
+What an adversary who read this may use, and why it is bounded (issue 10):
+
+* **Only massive channels are left out**: a channel of a token may be left out only when
+  it is massive in both answers (``|a_i|`` and ``|b_i|`` at least ``massive_ratio`` times the
+  token's RMS). Those are the model's few massive-activation channels, where bfloat16
+  keeps only ~3 significant digits of a large value; a cheat cannot pick "any 4 channels".
+* **Protected tokens** (by default the last token of every sequence: the one whose output
+  becomes the next token) get no outlier-token slot and a tighter max-abs guard
+  (``protected_max_abs_ratio``): they are held to the bulk tolerance.
+* Steering inside the bulk tolerance is bounded separately, on the next-token logits
+  (protocol/next_token.py), by the client where it has the LM head and by verifiers.
+
 Thresholds per wire dtype come from bench/calibrate.py on the real SmolLM2 (forward
 hidden states and backward input gradients); the results and the margin rule are in
 bench/results/calibration.md. The comparator is vectorised (no Python loop over tokens):
@@ -52,6 +64,7 @@ __all__ = [
     "TokenErrors",
     "Verdict",
     "compare",
+    "next_token_positions",
     "token_errors",
     "tolerance_for",
 ]
@@ -68,13 +81,17 @@ class Tolerance:
 
     token_rel_error: float  # max per-token bulk relative L2 error (see module docstring)
     max_abs_ratio: float  # max |a - b| of any element, in units of its token's RMS
-    outlier_channels: int = 4  # channels per token left out of the bulk error
+    outlier_channels: int = 4  # at most this many massive channels per token left out
+    # A channel may be left out only if it is at least this many token RMS in both answers.
+    massive_ratio: float = 5.0
     # Up to ceil(outlier_token_fraction x tokens) tokens (at least 1) may exceed
     # token_rel_error, if they stay within outlier_token_error (isolated honest outliers).
     outlier_token_fraction: float = 1 / 32
     outlier_token_error: float = 0.0  # 0: no outlier tokens (= token_rel_error)
     # A token's scale is at least this fraction of the tensor's mean token RMS.
     scale_floor: float = SCALE_FLOOR
+    # Max-abs guard of protected tokens (0: the same as max_abs_ratio).
+    protected_max_abs_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.token_rel_error > 0 and self.max_abs_ratio > 0):
@@ -85,6 +102,8 @@ class Tolerance:
             raise ValueError("outlier_channels must be >= 0")
         if not self.scale_floor > 0:
             raise ValueError("scale_floor must be positive")
+        if not self.massive_ratio > 0 or not self.protected_max_abs_ratio >= 0:
+            raise ValueError("massive_ratio must be positive, protected_max_abs_ratio >= 0")
 
     def loosest(self, other: Tolerance) -> Tolerance:
         """A tolerance at least as loose as both (field by field)."""
@@ -95,7 +114,17 @@ class Tolerance:
             outlier_token_fraction=max(self.outlier_token_fraction, other.outlier_token_fraction),
             outlier_token_error=max(self.outlier_token_error, other.outlier_token_error),
             scale_floor=max(self.scale_floor, other.scale_floor),
+            massive_ratio=min(self.massive_ratio, other.massive_ratio),
+            # 0 means "the max_abs_ratio": the looser of the two when either is unset.
+            protected_max_abs_ratio=0.0
+            if 0.0 in (self.protected_max_abs_ratio, other.protected_max_abs_ratio)
+            else max(self.protected_max_abs_ratio, other.protected_max_abs_ratio),
         )
+
+    @property
+    def protected_guard(self) -> float:
+        """The max-abs guard of protected tokens."""
+        return self.protected_max_abs_ratio or self.max_abs_ratio
 
     @property
     def token_cap(self) -> float:
@@ -177,10 +206,17 @@ def _peak(x: torch.Tensor) -> float:
 
 
 def token_errors(
-    a: torch.Tensor, b: torch.Tensor, outlier_channels: int = 4, scale_floor: float = SCALE_FLOOR
+    a: torch.Tensor,
+    b: torch.Tensor,
+    outlier_channels: int = 4,
+    scale_floor: float = SCALE_FLOOR,
+    massive_ratio: float = 5.0,
+    token_floor: torch.Tensor | None = None,
 ) -> TokenErrors:
     """The comparator's per-token measures (no validation: finite float tensors, same shape,
-    at least one element). Exposed for calibration. About ten passes over the data."""
+    at least one element). Exposed for calibration. About a dozen passes over the data.
+    `token_floor` (per token, in the tensors' units) raises each token's scale to at
+    least that much: a verifier's floor from the sizes of what the span summed."""
     h = a.shape[-1] if a.ndim else 1
     a32 = a.detach().to(torch.float32).reshape(-1, h)
     b32 = b.detach().to(torch.float32).reshape(-1, h)
@@ -201,21 +237,47 @@ def token_errors(
     max_d2 = d2.amax(-1)
     rms = (full_e2 / (2 * h)).sqrt()
     floor = max(float(rms.mean()) * scale_floor, torch.finfo(torch.float32).tiny)
-    k = min(outlier_channels, h - 1)
-    if k > 0:
-        # d2 is the same tensor for (a, b) and (b, a): the same channels are left out.
-        idx = d2.topk(k, dim=-1, sorted=False).indices
-        d2.scatter_(-1, idx, 0.0)
-        e2.scatter_(-1, idx, 0.0)
+    left_out = _massive_outliers(a32, b32, d2, rms, min(outlier_channels, h - 1), massive_ratio)
+    if left_out is not None:
+        d2.masked_fill_(left_out, 0.0)
+        e2.masked_fill_(left_out, 0.0)
         kept_e2 = e2.sum(-1)
+        n = h - left_out.sum(-1).to(torch.float32)
     else:
         kept_e2 = full_e2
-    n = h - k
+        n = torch.full_like(full_e2, float(h))
+    if token_floor is not None:
+        # In the same power-of-two units as a32, b32 (NaN-safe: NaN floors count as 0).
+        token_floor = torch.nan_to_num(token_floor.detach().float().reshape(-1) / unit, nan=0.0)
     scale = (kept_e2 / (2 * n)).sqrt().clamp_min(floor)
+    if token_floor is not None:
+        scale = torch.maximum(scale, token_floor)
+        rms = torch.maximum(rms, token_floor)
     rel = (d2.sum(-1) / n).sqrt() / scale
     max_abs = max_d2.sqrt()
     ratio = max_abs / rms.clamp_min(floor)
     return TokenErrors(rel_error=rel, abs_ratio=ratio, max_abs=max_abs * unit)
+
+
+def _massive_outliers(
+    a32: torch.Tensor,
+    b32: torch.Tensor,
+    d2: torch.Tensor,
+    rms: torch.Tensor,
+    k: int,
+    massive_ratio: float,
+) -> torch.Tensor | None:
+    """Per token, the (at most k) channels left out of the bulk error: the most different
+    of the channels that are massive in both answers. None when there are none. Symmetric:
+    every input is the same for (a, b) and (b, a)."""
+    if k <= 0:
+        return None
+    massive = torch.minimum(a32.abs(), b32.abs()) >= massive_ratio * rms.unsqueeze(-1)
+    if not bool(massive.any()):
+        return None
+    score = torch.where(massive, d2, torch.full_like(d2, -1.0))
+    idx = score.topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(massive).scatter_(-1, idx, massive.gather(-1, idx))
 
 
 def _position(flat_index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -232,29 +294,51 @@ def _reject(reason: str) -> Verdict:
     return Verdict(False, reason, float("nan"), float("nan"))
 
 
+def next_token_positions(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """The default protected tokens of a [..., tokens, hidden] tensor: the last token of
+    every sequence (its output becomes the next token). Flattened like token_errors."""
+    lead = tuple(shape[:-1]) or (1,)
+    mask = torch.zeros(lead, dtype=torch.bool)
+    mask[..., -1] = True
+    return mask.reshape(-1)
+
+
+def _invalid(a: object, b: object, kind: str) -> str:
+    """Why a and b cannot be compared at all ("" when they can)."""
+    if kind not in _TABLES:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return f"not tensors: {type(a).__name__} and {type(b).__name__}"
+    if a.shape != b.shape:
+        return f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}"
+    for name, t in (("first", a), ("second", b)):
+        if not t.dtype.is_floating_point:
+            return f"{name} tensor is not floating point: {t.dtype}"
+    for name, t in (("first", a), ("second", b)):
+        if not math.isfinite(_peak(t)):  # one pass; count only when rejecting
+            n = int((~torch.isfinite(t)).sum())
+            return f"{name} tensor has {n} NaN/Inf value{'s' if n > 1 else ''}"
+    return ""
+
+
 def compare(
     a: torch.Tensor,
     b: torch.Tensor,
     *,
     kind: str = "hidden",
     tolerance: Tolerance | None = None,
+    protected: torch.Tensor | None = None,
+    token_floor: torch.Tensor | None = None,
 ) -> Verdict:
     """Whether a and b agree within `tolerance` (default: tolerance_for(a, b, kind)).
-    Symmetric; computed in float32, per token over the last dim. Never raises for bad
-    tensors: shape mismatch, non-float dtype and NaN/Inf are rejections with a reason."""
-    if kind not in _TABLES:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        return _reject(f"not tensors: {type(a).__name__} and {type(b).__name__}")
-    if a.shape != b.shape:
-        return _reject(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
-    for name, t in (("first", a), ("second", b)):
-        if not t.dtype.is_floating_point:
-            return _reject(f"{name} tensor is not floating point: {t.dtype}")
-    for name, t in (("first", a), ("second", b)):
-        if not math.isfinite(_peak(t)):  # one pass; count only when rejecting
-            n = int((~torch.isfinite(t)).sum())
-            return _reject(f"{name} tensor has {n} NaN/Inf value{'s' if n > 1 else ''}")
+    Symmetric; computed in float32, per token over the last dim. `protected` is a bool
+    mask over the tokens (a.shape[:-1], or flattened); by default, for hidden states, the
+    last token of every sequence. `token_floor`: see token_errors (verifiers only).
+    Never raises for bad tensors: shape mismatch, non-float
+    dtype and NaN/Inf are rejections with a reason."""
+    invalid = _invalid(a, b, kind)
+    if invalid:
+        return _reject(invalid)
     if tolerance is None:
         try:
             tolerance = tolerance_for(a, b, kind)
@@ -262,28 +346,70 @@ def compare(
             return _reject(str(e))
     if a.numel() == 0:
         return Verdict(True, "", 0.0, 0.0, 0.0)
-    err = token_errors(a, b, tolerance.outlier_channels, tolerance.scale_floor)
-    worst_rel, i_rel = (float(v) for v in err.rel_error.max(0))
-    worst_ratio, i_ratio = (float(v) for v in err.abs_ratio.max(0))
-    max_abs = float(err.max_abs.max())
+    err = token_errors(
+        a,
+        b,
+        tolerance.outlier_channels,
+        tolerance.scale_floor,
+        tolerance.massive_ratio,
+        token_floor,
+    )
     n_tokens = err.rel_error.numel()
+    if protected is None:
+        protected = (
+            next_token_positions(a.shape)
+            if kind == "hidden"
+            else torch.zeros(n_tokens, dtype=torch.bool)
+        )
+    protected = protected.reshape(-1).to(torch.bool)
+    if protected.numel() != n_tokens:
+        raise ValueError(f"protected mask has {protected.numel()} entries for {n_tokens} tokens")
+    reason = _violation(err, tolerance, protected, tuple(a.shape))
+    worst_rel = float(err.rel_error.max())
+    worst_ratio = float(err.abs_ratio.max())
+    return Verdict(not reason, reason, worst_rel, float(err.max_abs.max()), worst_ratio)
+
+
+def _violation(
+    err: TokenErrors, tolerance: Tolerance, protected: torch.Tensor, shape: tuple[int, ...]
+) -> str:
+    """The first rule the errors break, as a reason ("" when none). NaN-safe: a NaN error
+    is never "within"."""
+    rel, ratio = err.rel_error, err.abs_ratio
+    n_tokens = rel.numel()
+
+    def at(values: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, tuple]:
+        masked = values if mask is None else values.masked_fill(~mask, -1.0)
+        worst, index = masked.max(0)
+        return float(worst), _position(int(index), shape)
+
+    worst, where = at(rel)
+    if not worst <= tolerance.token_cap:
+        return f"token {where} relative error {worst:.3g} > {tolerance.token_cap:.3g}"
+    over = ~(rel <= tolerance.token_rel_error)
+    if bool((over & protected).any()):
+        worst, where = at(rel, protected)
+        return (
+            f"next-token position {where} relative error {worst:.3g}"
+            f" > {tolerance.token_rel_error:.3g} (no outlier allowance there)"
+        )
+    n_over = int(over.sum())
     allowed = tolerance.outlier_tokens(n_tokens)
-    # NaN-safe: a NaN error is never "within".
-    n_over = n_tokens - int((err.rel_error <= tolerance.token_rel_error).sum())
-    reason = ""
-    if not worst_rel <= tolerance.token_cap:
-        where = _position(int(i_rel), tuple(a.shape))
-        reason = f"token {where} relative error {worst_rel:.3g} > {tolerance.token_cap:.3g}"
-    elif n_over > allowed:
-        where = _position(int(i_rel), tuple(a.shape))
-        reason = (
+    if n_over > allowed:
+        return (
             f"{n_over} of {n_tokens} tokens have relative error > {tolerance.token_rel_error:.3g}"
-            f" (allowed {allowed}); worst: token {where}, {worst_rel:.3g}"
+            f" (allowed {allowed}); worst: token {where}, {worst:.3g}"
         )
-    elif not worst_ratio <= tolerance.max_abs_ratio:
-        where = _position(int(i_ratio), tuple(a.shape))
-        reason = (
-            f"token {where} max |a-b| is {worst_ratio:.3g}x the token RMS"
-            f" > {tolerance.max_abs_ratio:.3g}"
+    worst, where = at(ratio)
+    if not worst <= tolerance.max_abs_ratio:
+        return (
+            f"token {where} max |a-b| is {worst:.3g}x the token RMS > {tolerance.max_abs_ratio:.3g}"
         )
-    return Verdict(not reason, reason, worst_rel, max_abs, worst_ratio)
+    if bool(protected.any()):
+        worst, where = at(ratio, protected)
+        if not worst <= tolerance.protected_guard:
+            return (
+                f"next-token position {where} max |a-b| is {worst:.3g}x the token RMS"
+                f" > {tolerance.protected_guard:.3g}"
+            )
+    return ""

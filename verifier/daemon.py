@@ -51,6 +51,7 @@ from trustswarm.reputation.records import (
 from trustswarm.reputation.store import ReputationStore
 
 from .challenges import ChallengeFactory
+from .conditioning import NaturalConditioning
 from .config import VerifierConfig
 from .judge import Judge
 from .reports import ReportDesk
@@ -183,7 +184,9 @@ class Verifier:
     def _load(self) -> tuple[BlockRunner, ChallengeFactory, Judge]:
         runner = BlockRunner(self.model_dir, 0, self.model_dir.num_blocks, torch.float32)
         factory = ChallengeFactory(self.model_dir, runner, rng=random.Random(self.rng.random()))
-        return runner, factory, Judge(runner, self.model_id)
+        head = runner.model_dir.load_client_parts()
+        conditioning = NaturalConditioning(factory)
+        return runner, factory, Judge(runner, self.model_id, head=head, conditioning=conditioning)
 
     async def serve(
         self,

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from trustswarm.models.runner import BlockRunner, RunnerError
+from trustswarm.models.store import ClientParts
 from trustswarm.node.config import ServerConfig
 from trustswarm.node.requests import (
     attention_mask_of,
@@ -38,6 +40,8 @@ from trustswarm.protocol.evidence import (
 from trustswarm.protocol.limits import DEFAULT_LIMITS, Limits
 from trustswarm.protocol.protocols import PROTOCOL_VERSION
 
+from .next_token_check import NextTokenCheck
+
 # Requests are read with a server's default limits, a little wider: an honest server
 # never signs more than its own limits allow, and the rate limit bounds our compute.
 JUDGE_CONFIG = ServerConfig(max_batch=64, max_tokens_per_request=16384)
@@ -55,13 +59,17 @@ class Judgement:
     end: int
     steps: int  # exchanges recomputed
     wrong: bool  # True: the signer signed an output the comparator rejects
-    reason: str  # why it is wrong, or "" when every output agreed
+    reason: str  # why it is wrong (or inconclusive), or "" when every output agreed
     worst_error: float  # largest per-token relative error seen (nan if none computed)
-    # Wrong even with every tolerance multiplied by PROOF_FACTOR: proof, grounds for a
-    # ban. Honest bfloat16 answers fail the comparator on ~0.2 % of real prompts (see
-    # bench/results/calibration.md; worst honest 1.7x the threshold): such a miss counts
-    # as a failed check (the score model absorbs rare ones), never as fraud.
+    # Wrong even with every tolerance multiplied by PROOF_FACTOR, on well-conditioned
+    # tokens: proof, grounds for a ban. Honest bfloat16 answers fail the comparator on
+    # ~0.2 % of real prompts (bench/results/calibration.md): such a miss counts as a
+    # failed check (the score model absorbs rare ones), never as fraud.
     proven: bool = False
+    # The answer differs from the reference only on ill-conditioned tokens (inputs no
+    # natural prompt produces, where honest rounding is not bounded by the output's size):
+    # no verdict either way. Never a failure, never a ban.
+    inconclusive: bool = False
 
 
 PROOF_FACTOR = 2.0
@@ -74,7 +82,73 @@ def proof_tolerance(a: torch.Tensor, b: torch.Tensor, kind: str) -> Tolerance:
         token_rel_error=base.token_rel_error * PROOF_FACTOR,
         outlier_token_error=max(base.outlier_token_error, base.token_rel_error) * PROOF_FACTOR,
         max_abs_ratio=base.max_abs_ratio * PROOF_FACTOR,
+        protected_max_abs_ratio=base.protected_guard * PROOF_FACTOR,
     )
+
+
+def condition_floor(scale: torch.Tensor | None, kappa: float | None) -> torch.Tensor | None:
+    """The per-token error-scale floor: the residual scale over the span's natural
+    conditioning bound (verifier/conditioning.py); None without either."""
+    if scale is None or kappa is None:
+        return None
+    return scale / kappa
+
+
+def ill_conditioned(reference: torch.Tensor, floor: torch.Tensor | None) -> torch.Tensor:
+    """Per token of `reference` [B, T, H]: True where its RMS is below the floor (the
+    terms summed into it nearly cancel), or the floor is not finite."""
+    if floor is None:
+        return torch.zeros(reference.shape[:-1], dtype=torch.bool)
+    rms = reference.detach().float().pow(2).mean(-1).sqrt()
+    return ~(floor <= rms)
+
+
+@dataclass(frozen=True)
+class HiddenVerdict:
+    status: str  # "ok", "wrong" or "inconclusive"
+    reason: str
+    worst: float
+    judged: torch.Tensor  # the output with ill-conditioned tokens set to the reference
+    proven: bool = False
+
+
+def judge_hidden(
+    output: torch.Tensor, reference: torch.Tensor, floor: torch.Tensor | None, kind: str
+) -> HiddenVerdict:
+    """The comparator's verdict, each token measured against at least its floor: what
+    fails only without the floor is inconclusive (never a failure, never a ban)."""
+    verdict = compare(output, reference, kind=kind)
+    ill = ill_conditioned(reference, floor)
+    judged = output
+    if bool(ill.any()):  # the next-token check must not see them either
+        judged = torch.where(ill.unsqueeze(-1), reference.to(output.dtype), output)
+    if verdict.agree:
+        return HiddenVerdict("ok", "", verdict.worst_token_error, judged)
+    floored = compare(output, reference, kind=kind, token_floor=floor)
+    if floored.agree:
+        return HiddenVerdict(
+            "inconclusive",
+            f"{verdict.reason}, but within the tolerance of the sizes this input summed "
+            "(an input no natural prompt produces)",
+            floored.worst_token_error,
+            judged,
+        )
+    tolerance = proof_tolerance(output, reference, kind)
+    proof = compare(output, reference, kind=kind, tolerance=tolerance, token_floor=floor)
+    return HiddenVerdict(
+        "wrong", floored.reason, floored.worst_token_error, judged, not proof.agree
+    )
+
+
+@dataclass
+class Recomputed:
+    """The reference answer of every exchange, with what the next-token check needs."""
+
+    outputs: list[torch.Tensor]
+    scales: list[torch.Tensor | None]
+    positions: list[torch.Tensor | None]
+    masks: list[torch.Tensor | None]
+    session: bool = False
 
 
 class Judge:
@@ -84,12 +158,18 @@ class Judge:
         model_id: str,
         config: ServerConfig = JUDGE_CONFIG,
         limits: Limits = DEFAULT_LIMITS,
+        head: ClientParts | None = None,
+        conditioning: Callable[[str, int, int], float] | None = None,
     ) -> None:
         self.runner = runner
         self.model_id = model_id
         self.span_digest = runner.model_dir.manifest.span_digest
         self.config = config
         self.limits = limits
+        # The next-token check needs every block after a span and the LM head.
+        self.next_token = NextTokenCheck(runner, head) if head is not None else None
+        # kappa(kind, start, end) of natural inputs: the floor of every error scale.
+        self.conditioning = conditioning
 
     def open(self, evidence: Evidence) -> list[OpenedExchange]:
         """Check signatures, digests and that the statements are about our weights."""
@@ -123,31 +203,37 @@ class Judge:
 
     # -- recomputation ------------------------------------------------------------------
 
-    def _verdict(
-        self, opened: list[OpenedExchange], outputs: list[torch.Tensor], kind: str
-    ) -> Judgement:
+    def _verdict(self, opened: list[OpenedExchange], rec: Recomputed, kind: str) -> Judgement:
         s = opened[0].statement
         worst = float("nan")
-        for i, (item, reference) in enumerate(zip(opened, outputs, strict=True)):
-            verdict = compare(item.output, reference, kind=kind)
-            if not math.isnan(verdict.worst_token_error):
-                worst = max(verdict.worst_token_error, 0.0 if math.isnan(worst) else worst)
-            if not verdict.agree:
-                where = f"step {i}: " if s.kind == "inference" else ""
-                tolerance = proof_tolerance(item.output, reference, kind)
-                proven = not compare(item.output, reference, kind=kind, tolerance=tolerance).agree
-                return Judgement(
-                    s.server_peer_id,
-                    s.kind,
-                    s.start,
-                    s.end,
-                    i + 1,
-                    True,
-                    where + verdict.reason,
-                    worst,
-                    proven,
-                )
-        return Judgement(s.server_peer_id, s.kind, s.start, s.end, len(opened), False, "", worst)
+        inconclusive = ""
+        judged = []
+
+        def judgement(steps: int, wrong: bool, reason: str, **extra: bool) -> Judgement:
+            return Judgement(
+                s.server_peer_id, s.kind, s.start, s.end, steps, wrong, reason, worst, **extra
+            )
+
+        for i, item in enumerate(opened):
+            kappa = self.conditioning(kind, s.start, s.end) if self.conditioning else None
+            floor = condition_floor(rec.scales[i], kappa)
+            hv = judge_hidden(item.output, rec.outputs[i], floor, kind)
+            judged.append(hv.judged)
+            if not math.isnan(hv.worst):
+                worst = max(hv.worst, 0.0 if math.isnan(worst) else worst)
+            where = f"step {i}: " if s.kind == "inference" else ""
+            if hv.status == "wrong":
+                return judgement(i + 1, True, where + hv.reason, proven=hv.proven)
+            if hv.status == "inconclusive" and not inconclusive:
+                inconclusive = where + hv.reason
+        if kind == "hidden" and self.next_token is not None:
+            # On the judged outputs: an ill-conditioned token cannot fail this either.
+            reason = self.next_token.check(judged, rec, s.end)
+            if reason:
+                return judgement(len(opened), True, reason)
+        if inconclusive:
+            return judgement(len(opened), False, inconclusive, inconclusive=True)
+        return judgement(len(opened), False, "")
 
     def _judge_one(self, item: OpenedExchange) -> Judgement:
         s, request = item.statement, item.request
@@ -159,13 +245,13 @@ class Judge:
         positions = positions_of(request, batch, tokens)
         mask = attention_mask_of(request, batch, tokens)
         if s.kind == "forward":
-            out = self.runner.forward(hidden, positions, mask, start, end)
-            return self._verdict([item], [out], "hidden")
+            out, scale = self.runner.forward_with_scale(hidden, positions, mask, start, end)
+            return self._verdict([item], Recomputed([out], [scale], [positions], [mask]), "hidden")
         grad = request.tensor("grad_outputs")
         if grad.shape != hidden.shape or not grad.is_floating_point():
             raise ProtocolError(f"grad_outputs must match hidden_states {list(hidden.shape)}")
-        out = self.runner.backward(hidden, grad, positions, mask, start, end)
-        return self._verdict([item], [out], "grad")
+        out, scale = self.runner.backward_with_scale(hidden, grad, positions, mask, start, end)
+        return self._verdict([item], Recomputed([out], [scale], [None], [None]), "grad")
 
     def _judge_session(self, opened: list[OpenedExchange]) -> Judgement:
         s = opened[0].statement
@@ -175,7 +261,7 @@ class Judge:
         batch = hidden_all[0].shape[0]
         total = sum(h.shape[1] for h in hidden_all)
         cache = self.runner.new_cache(batch, total, s.start, s.end)
-        outputs = []
+        rec = Recomputed([], [], [], [], session=True)
         for item, hidden in zip(opened, hidden_all, strict=True):
             if item.request.meta.get("session_id") != s.session_id:
                 raise ProtocolError("a step's request names another session")
@@ -186,8 +272,12 @@ class Judge:
             tokens = hidden.shape[1]
             positions = positions_of(item.request, batch, tokens)
             mask = attention_mask_of(item.request, batch, cache.length + tokens)
-            outputs.append(self.runner.step(cache, hidden, positions, mask))
-        return self._verdict(opened, outputs, "hidden")
+            out, scale = self.runner.step_with_scale(cache, hidden, positions, mask)
+            rec.outputs.append(out)
+            rec.scales.append(scale)
+            rec.positions.append(positions)
+            rec.masks.append(mask)
+        return self._verdict(opened, rec, "hidden")
 
 
 def proof_bytes(model_id: str, judgement: Judgement, evidence: Evidence) -> bytes:
