@@ -87,8 +87,10 @@ def _load_source(source: Path) -> tuple[PreTrainedModel, object | None, str]:
             # "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"
             return model, tokenizer, source.name.split(".")[0]
         if source.is_dir():
+            _refuse_pickle_checkpoints(source)
+            # safetensors only: a pickle checkpoint can run code when it is loaded.
             model = AutoModelForCausalLM.from_pretrained(
-                source, local_files_only=True, dtype="auto"
+                source, local_files_only=True, dtype="auto", use_safetensors=True
             )
             tokenizer = None
             if any((source / f).is_file() for f in _TOKENIZER_FILES):
@@ -97,6 +99,21 @@ def _load_source(source: Path) -> tuple[PreTrainedModel, object | None, str]:
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelDirError(f"cannot load model from {source}: {e}") from e
     raise ModelDirError(f"source must be a .gguf file or a model directory: {source}")
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def _refuse_pickle_checkpoints(source: Path) -> None:
+    """A directory whose weights exist only as pickle files is refused with a clear error."""
+    if any(source.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in source.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelDirError(
+            f"{source} holds only pickle checkpoints ({', '.join(pickles[:3])}); loading them "
+            "can run code. Convert them to safetensors on a machine you trust first."
+        )
 
 
 def _parts(
