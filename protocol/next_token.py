@@ -11,7 +11,7 @@ the next token directly, for every protected position:
 * **flip**: the two answers' greedy next tokens may differ only at a near-tie: each
   side's margin of its own top token over the other's top token is at most ``flip_gap``
   logits (honest bfloat16 moves that margin by <= 0.12 logits on SmolLM2; calibrated in
-  bench/results/calibration.md).
+  bench/results/calibration_trust.md).
 * **spread**: over the candidate tokens (the ``top_k`` of either side), the logit
   differences ``a_i - b_i`` span at most ``logit_spread`` (a common shift changes no
   probability); so no candidate's probability moves by more than a factor
@@ -48,12 +48,26 @@ class NextTokenTolerance:
         )
 
 
-# Calibrated by bench/calibrate.py (next-token section) on SmolLM2-135M.
+# Calibrated on SmolLM2-135M (bench/results/calibration_trust.md, bench/results/
+# adversary_steering.md): honest bfloat16 vs float32 changed the greedy token in ~4 % of
+# prompts with margins up to 0.12 logits, and moved candidate logits apart by up to 0.25.
+# Votes (replica vs replica, either may be honest bfloat16 on any hardware):
 NEXT_TOKEN_TOLERANCES: dict[str, NextTokenTolerance] = {
     "float32": NextTokenTolerance(flip_gap=0.01, logit_spread=0.02),
-    "bfloat16": NextTokenTolerance(flip_gap=0.25, logit_spread=0.5),
-    "float16": NextTokenTolerance(flip_gap=0.25, logit_spread=0.5),
+    "bfloat16": NextTokenTolerance(flip_gap=0.15, logit_spread=0.4),
+    "float16": NextTokenTolerance(flip_gap=0.15, logit_spread=0.4),
 }
+# A verifier compares an answer with its float32 reference AND with its own recomputation
+# in the answer's dtype, and accepts either: an honest server reproduces the latter (same
+# arithmetic), so the float32 comparison can hold the greedy token to a near-tie of 0.05
+# logits, the bound a steering server has to live within (flips at gaps < 0.05 happen to
+# honest bfloat16 too).
+REFERENCE_TOLERANCES: dict[str, NextTokenTolerance] = {
+    "float32": NextTokenTolerance(flip_gap=0.01, logit_spread=0.02),
+    "bfloat16": NextTokenTolerance(flip_gap=0.05, logit_spread=0.4),
+    "float16": NextTokenTolerance(flip_gap=0.05, logit_spread=0.4),
+}
+SAME_DTYPE_TOLERANCE = NextTokenTolerance(flip_gap=0.02, logit_spread=0.1)
 
 
 def next_token_tolerance(*dtypes: str) -> NextTokenTolerance:

@@ -139,10 +139,14 @@ def test_next_token_steering_fails_the_check(model, judge):
         if int(new.argmax()) == target and float(new[target] - new[top]) > 0.3:
             break
     answer = steered.to(torch.bfloat16)
-    rec = Recomputed([ref], [None], [None], [None])
+    rec = Recomputed([ref], [None], [None], [None], inputs=[x])
     # The rest of the model and the head on the answer vs on the reference.
-    assert "next token" in judge.next_token.check([answer], rec, n)
-    assert judge.next_token.check([ref.to(torch.bfloat16)], rec, n) == ""
+    assert "next token" in judge.next_token.check([answer], rec, 0, n)
+    assert judge.next_token.check([ref.to(torch.bfloat16)], rec, 0, n) == ""
+    # An honest bfloat16 server reproduces the verifier's own bfloat16 recomputation, so
+    # even where its rounding changes the greedy token it passes.
+    honest16 = BlockRunner(model, 0, n, torch.bfloat16).forward(x)
+    assert judge.next_token.check([honest16], rec, 0, n) == ""
     # The judge runs the check when the hidden states pass: bfloat16 within tolerance.
     if compare(answer, ref).agree:
         judgement = judge.judge(signed_forward(model, 0, n, x, answer))

@@ -149,6 +149,7 @@ class Recomputed:
     positions: list[torch.Tensor | None]
     masks: list[torch.Tensor | None]
     session: bool = False
+    inputs: list[torch.Tensor] = dataclasses.field(default_factory=list)  # as requested
 
 
 class Judge:
@@ -228,7 +229,7 @@ class Judge:
                 inconclusive = where + hv.reason
         if kind == "hidden" and self.next_token is not None:
             # On the judged outputs: an ill-conditioned token cannot fail this either.
-            reason = self.next_token.check(judged, rec, s.end)
+            reason = self.next_token.check(judged, rec, s.start, s.end)
             if reason:
                 return judgement(len(opened), True, reason)
         if inconclusive:
@@ -246,7 +247,8 @@ class Judge:
         mask = attention_mask_of(request, batch, tokens)
         if s.kind == "forward":
             out, scale = self.runner.forward_with_scale(hidden, positions, mask, start, end)
-            return self._verdict([item], Recomputed([out], [scale], [positions], [mask]), "hidden")
+            rec = Recomputed([out], [scale], [positions], [mask], inputs=[hidden])
+            return self._verdict([item], rec, "hidden")
         grad = request.tensor("grad_outputs")
         if grad.shape != hidden.shape or not grad.is_floating_point():
             raise ProtocolError(f"grad_outputs must match hidden_states {list(hidden.shape)}")
@@ -277,6 +279,7 @@ class Judge:
             rec.scales.append(scale)
             rec.positions.append(positions)
             rec.masks.append(mask)
+            rec.inputs.append(hidden)
         return self._verdict(opened, rec, "hidden")
 
 
