@@ -16,6 +16,7 @@ from trustswarm.protocol.evidence import DisagreementReport
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.transport import make_host
 
+from .audits import DEFAULT_AUDIT_RATE, check_audit_rate, make_auditor
 from .autograd import RemoteBlocks
 from .generation import generate as _generate
 from .loop import BackgroundLoop
@@ -109,6 +110,7 @@ class DistributedModelForCausalLM(nn.Module):
         local_reference: bool = False,
         report_disagreements: bool = True,
         dtype_policy: str = "any",
+        audit_rate: float = DEFAULT_AUDIT_RATE,
     ) -> DistributedModelForCausalLM:
         """Join the swarm at `initial_peers` and run `model_dir`'s model through it.
 
@@ -125,10 +127,15 @@ class DistributedModelForCausalLM(nn.Module):
         float32 (answers are then compared with the float32 tolerance everywhere);
         "any" (default) uses bfloat16 servers too. Every answer must be in the dtype its
         server announced, whatever the policy.
+        audit_rate: the share of this client's exchanges (each forward/backward answer,
+        each hop's inference transcript once its session ends) sent, in the background, to
+        the trusted verifiers named by multiaddr to be judged (README, "Audits"). Drawn
+        after each answer; 0 turns audits off.
         """
         check_tuning_options(tuning_mode, pre_seq_len)  # before anything starts
         check_redundancy(redundancy)
         check_dtype_policy(dtype_policy)
+        check_audit_rate(audit_rate)
         directory = ModelDir.open(model_dir)
         if not initial_peers:
             raise ValueError("initial_peers must name at least one peer of the swarm")
@@ -149,6 +156,7 @@ class DistributedModelForCausalLM(nn.Module):
             initial_peers,
             connect_timeout=connect_timeout,
             report_to=list(trusted_verifiers) if report_disagreements else [],
+            auditor=make_auditor(trusted_verifiers, audit_rate),
         )
         loop = BackgroundLoop()
 

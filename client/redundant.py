@@ -132,6 +132,7 @@ class RedundantSpans:
             )
             if output.shape != expected_shape:
                 raise SwarmError(f"answer shape {list(output.shape)} != {list(expected_shape)}")
+            self.swarm.audit((exchange,))  # drawn now, before any vote
             return Answer(server.peer_id, output, Evidence((exchange,)))
 
         async def spare(asked: set[str]) -> Announcement | None:

@@ -64,6 +64,7 @@ class RedundantInferenceSession(InferenceSession):
         for group in self.groups:
             for replica in group.replicas:
                 await close_quietly(replica.stream)
+                self._ended(replica)
         self.groups = []
 
     async def _spare(
@@ -87,6 +88,7 @@ class RedundantInferenceSession(InferenceSession):
             except Exception as exc:
                 if replica is not None:
                     await close_quietly(replica.stream)
+                    self._ended(replica)
                 self._fail(server.peer_id, f"could not open a replica: {exc}")
 
     async def step(
@@ -146,6 +148,7 @@ class RedundantInferenceSession(InferenceSession):
         outcome = await call.run(list(group.replicas))
         for replica in outcome.dropped:
             await close_quietly(replica.stream)
+            self._ended(replica)
         # Replicas that answered and agreed go on; failed or outvoted ones are replaced
         # at the next step (RedundantCall tops the group up to k first).
         group.replicas = outcome.kept

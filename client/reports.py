@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import trio
 from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from trustswarm.protocol import protocols
+from trustswarm.protocol.codec import Message
 from trustswarm.protocol.errors import ProtocolError
 from trustswarm.protocol.evidence import DisagreementReport
 from trustswarm.protocol.framing import raise_if_error, receive_message, write_frame
@@ -48,14 +50,27 @@ async def send_report(
     peerstore) or a full multiaddr (…/p2p/<peer id>), which is dialled first.
     Raises RemoteError when the verifier refuses the input (bad_request, too_large).
     """
-    if isinstance(verifier_peer_id, str) and "/p2p/" in verifier_peer_id:
-        info = parse_peer_addr(verifier_peer_id)
+    data = report.to_bytes() if isinstance(report, DisagreementReport) else bytes(report)
+    answer = await send_frame(host, verifier_peer_id, protocols.REPORT, data, timeout)
+    verdict = answer.meta.get("verdict", "")
+    if verdict not in VERDICTS:
+        raise ProtocolError(f"verifier answered an unknown verdict {verdict[:40]!r}")
+    banned = tuple(p for p in answer.meta.get("banned", "").split(",") if p)
+    return ReportVerdict(verdict, answer.meta.get("detail", ""), banned)
+
+
+async def send_frame(
+    host: IHost, verifier: ID | str, protocol: TProtocol, data: bytes, timeout: float
+) -> Message:
+    """One frame to a verifier on `protocol`, one answer back (an error frame raises
+    RemoteError). `verifier`: a peer id the host can reach or a full multiaddr."""
+    if isinstance(verifier, str) and "/p2p/" in verifier:
+        info = parse_peer_addr(verifier)
         with trio.fail_after(timeout):
             await host.connect(info)
-        verifier_peer_id = info.peer_id
-    peer = verifier_peer_id if isinstance(verifier_peer_id, ID) else parse_peer_id(verifier_peer_id)
-    data = report.to_bytes() if isinstance(report, DisagreementReport) else bytes(report)
-    stream = await open_stream(host, peer, protocols.REPORT, timeout)
+        verifier = info.peer_id
+    peer = verifier if isinstance(verifier, ID) else parse_peer_id(verifier)
+    stream = await open_stream(host, peer, protocol, timeout)
     try:
         with trio.fail_after(timeout):
             async with trio.open_nursery() as nursery:
@@ -71,9 +86,4 @@ async def send_report(
                 nursery.cancel_scope.cancel()
     finally:
         await close_quietly(stream)
-    raise_if_error(answer)
-    verdict = answer.meta.get("verdict", "")
-    if verdict not in VERDICTS:
-        raise ProtocolError(f"verifier answered an unknown verdict {verdict[:40]!r}")
-    banned = tuple(p for p in answer.meta.get("banned", "").split(",") if p)
-    return ReportVerdict(verdict, answer.meta.get("detail", ""), banned)
+    return raise_if_error(answer)

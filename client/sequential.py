@@ -67,7 +67,7 @@ class RemotePasses:
             hop = self.swarm.view.forward_route(block, end)[0]
             try:
                 await self.swarm.ensure_connected(ID.from_base58(hop.server.peer_id))
-                output, _ = await call_span(
+                output, exchange = await call_span(
                     self.swarm.host,
                     self._call(hop),
                     protocols.FORWARD,
@@ -79,6 +79,7 @@ class RemotePasses:
                 )
                 if output.shape != hidden.shape:
                     raise SwarmError("answer has the wrong shape")
+                self.swarm.audit((exchange,))
             except Exception as exc:
                 failures += 1
                 self.swarm.view.ban(hop.server.peer_id, f"forward failed: {exc}")
@@ -121,7 +122,7 @@ class RemotePasses:
             try:
                 call = self._call(hop)
                 await self.swarm.ensure_connected(call.peer_id)
-                grad_in, _ = await call_span(
+                grad_in, exchange = await call_span(
                     self.swarm.host,
                     call,
                     protocols.BACKWARD,
@@ -133,6 +134,7 @@ class RemotePasses:
                 )
                 if grad_in.shape != grad.shape:
                     raise SwarmError("gradient has the wrong shape")
+                self.swarm.audit((exchange,))
                 return grad_in.float()
             except Exception as exc:
                 failures += 1

@@ -78,6 +78,7 @@ class _HopSession:
     positions: torch.Tensor | None = None
     # Every step as sent and answered: the evidence if an answer turns out wrong.
     transcript: list[SignedExchange] = field(default_factory=list)
+    ended: bool = False  # offered for an audit (once, when its session is over)
 
     @property
     def peer(self) -> str:
@@ -134,7 +135,15 @@ class InferenceSession:
     async def close(self) -> None:
         for hop in self.hops:
             await close_quietly(hop.stream)
+            self._ended(hop)
         self.hops = []
+
+    def _ended(self, hop: _HopSession) -> None:
+        """This hop's session is over (closed, failed over or outvoted): offer its
+        transcript up to its last answered step for an audit (the draw happens now)."""
+        if not hop.ended:
+            hop.ended = True
+            self.swarm.audit(hop.transcript)
 
     def client_part(self) -> str:
         """Our half of each hop's session id (the server adds the other half)."""
@@ -224,6 +233,7 @@ class InferenceSession:
                 output = await self._send_step(hop, hidden, positions, mask)
             except Exception as exc:
                 await close_quietly(hop.stream)
+                self._ended(hop)
                 self._fail(str(hop.call.peer_id), f"step failed: {type(exc).__name__}: {exc}")
                 self.hops[i : i + 1] = await self._replace(hop, mask[:, : self.length])
                 continue
@@ -249,5 +259,6 @@ class InferenceSession:
             except Exception as exc:
                 for hop in replacement:
                     await close_quietly(hop.stream)
+                    self._ended(hop)
                 bad = next(h for h in replacement if h.inputs is None)
                 self._fail(str(bad.call.peer_id), f"history replay failed: {exc}")

@@ -24,7 +24,7 @@ from trustswarm.protocol.announcement import (
     providers_key,
 )
 from trustswarm.protocol.errors import SwarmError
-from trustswarm.protocol.evidence import DisagreementReport
+from trustswarm.protocol.evidence import DisagreementReport, Evidence, SignedExchange
 from trustswarm.protocol.identity import parse_peer_id
 from trustswarm.protocol.info import call_info
 from trustswarm.protocol.protocols import DHT_NAMESPACE
@@ -34,6 +34,7 @@ from trustswarm.reputation.gossip import record_relay
 from trustswarm.reputation.records import REPUTATION_NAMESPACE, ReputationValidator
 from trustswarm.reputation.score import OK
 
+from .audits import Auditor
 from .replicas import segments
 from .reports import send_report
 from .routing import Hop, latency_route, throughput_route
@@ -223,6 +224,7 @@ class SwarmClient:
         connect_timeout: float = 10.0,
         refresh_every: float = 30.0,
         report_to: Sequence[str] = (),
+        auditor: Auditor | None = None,
     ) -> None:
         self.host = host
         self.view = view
@@ -234,6 +236,8 @@ class SwarmClient:
         self.streams = StreamPool()  # idle forward/backward streams, reused
         # Verifiers (peer ids or multiaddrs) that get every disagreement report.
         self.report_to = list(report_to)
+        # Draws which finished exchanges go to the verifiers as audits (None: no audits).
+        self.auditor = auditor
         self.dht_lookups = True
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -265,12 +269,20 @@ class SwarmClient:
                 async with trio.open_nursery() as nursery:
                     if self.report_to:
                         nursery.start_soon(self._send_reports)
+                    if self.auditor is not None:
+                        nursery.start_soon(self.auditor.run, self.host)
                     while True:
                         await trio.sleep(self.refresh_every)
                         try:
                             await self.refresh()
                         except Exception as exc:  # keep the old view; try again later
                             log.warning("refreshing the swarm view failed: %s", exc)
+
+    def audit(self, exchanges: Sequence[SignedExchange]) -> None:
+        """An exchange with one server has ended (one answer, or one hop's session
+        transcript): offer it for an audit. Never waits; a no-op without an auditor."""
+        if self.auditor is not None and exchanges:
+            self.auditor.offer(Evidence(tuple(exchanges)))
 
     async def _send_reports(self, every: float = 0.5) -> None:
         """Send each disagreement report to every verifier we report to (best effort:

@@ -11,6 +11,9 @@ BACKWARD = TProtocol("/trustswarm/backward/1")
 INFERENCE = TProtocol("/trustswarm/inference/2")
 # Fraud reports to a verifier: one DisagreementReport per stream, one verdict back.
 REPORT = TProtocol("/trustswarm/report/1")
+# Client audits to a verifier: one piece of evidence per stream (the report codec with a
+# single answer), one short acknowledgement back; the verdict is never waited for.
+AUDIT = TProtocol("/trustswarm/audit/1")
 
 # DHT namespace for signed server announcements: keys are /trustswarm/<model>/<peer id>.
 DHT_NAMESPACE = "trustswarm"

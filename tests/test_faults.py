@@ -2,7 +2,7 @@
 
 * servers killed and restarted during generation: the output does not change;
 * malformed and oversized frames against every RPC (info, forward, backward,
-  inference, the verifier's report desk), hypothesis-driven: every node keeps serving
+  inference, the verifier's report and audit desks), hypothesis-driven: every node keeps serving
   and the process's memory stays bounded;
 * 8 concurrent clients x 64 tokens: zero errors, every output equals the local model's;
 * a flood of session opens beyond max_sessions: clear busy errors, no crash, memory
@@ -39,6 +39,7 @@ from trustswarm.protocol.codec import Message, decode_message, encode_message
 from trustswarm.protocol.framing import read_frame, write_frame
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.transport import make_host, parse_peer_addr, running_host
+from trustswarm.verifier.config import AuditConfig
 from trustswarm.verifier.daemon import VerifierConfig
 from trustswarm.verifier.reports import ReportConfig
 from trustswarm.verifier.spotcheck import FRAUD, PASS, CheckConfig
@@ -238,6 +239,7 @@ def fuzz_swarm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     quiet = VerifierConfig(
         checks=CheckConfig(check_every=3600.0),
         reports=ReportConfig(max_reports=10_000),  # so every fuzzed frame reaches the parser
+        audits=AuditConfig(max_per_window=10_000),
     )
     swarm.verifier = start_verifier(swarm, f"sqlite:///{db}", quiet)
     swarm.peer = BarePeer(swarm, [swarm.target.addrs[0], swarm.verifier.addrs[0]])
@@ -256,10 +258,13 @@ def still_serves(swarm: LocalSwarm, local_model, tiny_model_dir: Path) -> None:
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("protocol", [*RPCS, protocols.REPORT], ids=lambda p: p.split("/")[2])
+DESKS = (protocols.REPORT, protocols.AUDIT)  # the verifier's
+
+
+@pytest.mark.parametrize("protocol", [*RPCS, *DESKS], ids=lambda p: p.split("/")[2])
 def test_fuzzed_frames_every_rpc(fuzz_swarm, local_model, tiny_model_dir, protocol):
     swarm = fuzz_swarm
-    addr = swarm.verifier.addrs[0] if protocol == protocols.REPORT else swarm.target.addrs[0]
+    addr = swarm.verifier.addrs[0] if protocol in DESKS else swarm.target.addrs[0]
     replies: list[dict[str, str] | None] = []
 
     @settings(
@@ -288,8 +293,8 @@ def test_fuzzed_frames_every_rpc(fuzz_swarm, local_model, tiny_model_dir, protoc
     growth = rss_mb() - before
     assert growth < 150, f"RSS grew by {growth:.0f} MiB"
     assert any(r is not None and "error" in r for r in replies)
-    if protocol == protocols.REPORT:
-        info = swarm.peer.send(swarm.verifier.addrs[0], protocols.REPORT, frame(b""))
+    if protocol in DESKS:
+        info = swarm.peer.send(swarm.verifier.addrs[0], protocol, frame(b""))
         assert info is not None and "error" in info  # the desk still answers
     else:
         still_serves(swarm, local_model, tiny_model_dir)

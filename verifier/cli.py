@@ -17,7 +17,7 @@ from trustswarm.node.cli import (
 )
 from trustswarm.protocol.errors import TrustswarmError
 
-from .config import CheckConfig, VerifierConfig
+from .config import AuditConfig, CheckConfig, VerifierConfig
 
 if TYPE_CHECKING:
     from .daemon import Verifier
@@ -32,6 +32,26 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 
@@ -89,6 +109,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help=f"re-publish every record this often (default {VerifierConfig.republish_every:.0f})",
     )
+    start.add_argument(
+        "--audit-share",
+        type=share,
+        default=AuditConfig.compute_share,
+        metavar="FRACTION",
+        help="at most this share of the time judging client audits "
+        f"(default {AuditConfig.compute_share})",
+    )
+    start.add_argument(
+        "--audits-per-minute",
+        type=count,
+        default=AuditConfig.max_per_window,
+        metavar="N",
+        help="client audits accepted per client peer id per minute; 0 refuses all "
+        f"(default {AuditConfig.max_per_window})",
+    )
     add_daemon_options(start)
     start.set_defaults(func=run_start)
 
@@ -120,6 +156,7 @@ def run_start(args: argparse.Namespace) -> int:
         checks=CheckConfig(check_every=args.check_every),
         record_ttl=args.record_ttl,
         republish_every=args.republish_every,
+        audits=AuditConfig(max_per_window=args.audits_per_minute, compute_share=args.audit_share),
     )
     verifier = Verifier(
         identity=identity, model_dir=model_dir, store=store, config=config, swarm_key=swarm_key

@@ -40,9 +40,34 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """Client audits (verifier/audits.py): quotas, queue, and their compute budget."""
+
+    max_per_window: int = 60  # audits accepted per client peer id within `window` (0: none)
+    window: float = 60.0
+    compute_share: float = 0.5  # at most this share of wall time is spent judging audits
+    queue_items: int = 256  # audits waiting, over all clients
+    queue_bytes: int = 256 * 1024 * 1024
+    max_bytes: int = 32 * 1024 * 1024  # one audit
+    max_exchanges: int = 1024  # one audit (an inference transcript: its steps)
+    timeout: float = 60.0  # to receive one audit
+
+    def __post_init__(self) -> None:
+        if self.max_per_window < 0 or not self.window > 0:
+            raise ValueError("need max_per_window >= 0 and window > 0")
+        if not 0 < self.compute_share <= 1:
+            raise ValueError("compute_share must lie in (0, 1]")
+        if self.queue_items < 1 or self.max_bytes < 1 or self.max_exchanges < 1:
+            raise ValueError("queue_items, max_bytes and max_exchanges must be positive")
+        if self.queue_bytes < self.max_bytes:
+            raise ValueError("queue_bytes must hold at least one audit of max_bytes")
+
+
+@dataclass(frozen=True)
 class VerifierConfig:
     checks: CheckConfig = field(default_factory=CheckConfig)
     reports: ReportConfig = field(default_factory=ReportConfig)
+    audits: AuditConfig = field(default_factory=AuditConfig)
     refresh_every: float = 10.0  # seconds between swarm discovery rounds
     republish_every: float = 30.0  # seconds between re-publishing every record
     record_ttl: float = 300.0  # seconds a signed record stays valid

@@ -50,6 +50,7 @@ from trustswarm.reputation.records import (
 )
 from trustswarm.reputation.store import ReputationStore
 
+from .audits import AuditDesk
 from .challenges import ChallengeFactory
 from .conditioning import NaturalConditioning
 from .config import VerifierConfig
@@ -74,6 +75,7 @@ class Verifier:
     view: SwarmView | None = None
     checker: SpotChecker | None = None
     desk: ReportDesk | None = None
+    audits: AuditDesk | None = None
     results: deque[CheckResult] = field(default_factory=lambda: deque(maxlen=1000))
     published: int = 0  # records handed to the publisher since start
 
@@ -230,8 +232,12 @@ class Verifier:
                     self.swarm_key,
                     random.Random(self.rng.random()),
                 )
-                self.desk = ReportDesk(judge, self.store, self.compute, cfg.reports, self._on_ban)
+                self.audits = AuditDesk(judge, self.store, self.compute, cfg.audits, self._on_ban)
+                # Reports first: audits wait while a report waits for or holds compute.
+                report_compute = self.audits.priority.wrap(self.compute)
+                self.desk = ReportDesk(judge, self.store, report_compute, cfg.reports, self._on_ban)
                 self.host.set_stream_handler(protocols.REPORT, self.desk.handle)
+                self.host.set_stream_handler(protocols.AUDIT, self.audits.handle)
                 publisher = RecordPublisher(
                     self.host,
                     self.dht,
@@ -252,5 +258,6 @@ class Verifier:
                     nursery.start_soon(self._republish_forever, publisher)
                     nursery.start_soon(self._publish_changes, publisher)
                     nursery.start_soon(self.checker.run, self._on_check)
+                    nursery.start_soon(self.audits.run)
                     task_status.started(full)
                     await trio.sleep_forever()

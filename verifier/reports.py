@@ -216,22 +216,28 @@ class ReportDesk:
         except StreamClosed:
             pass
         except Exception as exc:
-            if isinstance(exc, LimitExceededError):
-                code, text = TOO_LARGE, str(exc)
-            elif isinstance(exc, ProtocolError | trio.TooSlowError):
-                code, text = BAD_REQUEST, str(exc) or "report not received in time"
-            else:
-                log.exception("report from %s failed", reporter)
-                code, text = INTERNAL, f"internal error ({type(exc).__name__})"
-            log.info("report from %s refused: %s", reporter, text)
-            with trio.move_on_after(2):
-                try:
-                    await send_message(stream, error_message(code, text))
-                except Exception:  # noqa: S110 - the reporter may be gone
-                    pass
+            await refuse(stream, exc, "report", reporter)
         finally:
             with trio.move_on_after(1):
                 try:
                     await stream.close()
                 except Exception:  # noqa: S110
                     pass
+
+
+async def refuse(stream: INetStream, exc: Exception, what: str, sender: str) -> None:
+    """Answer input we cannot take with an error frame: too_large, bad_request (also for
+    input not received in time) or internal. Best effort: the sender may be gone."""
+    if isinstance(exc, LimitExceededError):
+        code, text = TOO_LARGE, str(exc)
+    elif isinstance(exc, ProtocolError | trio.TooSlowError):
+        code, text = BAD_REQUEST, str(exc) or f"{what} not received in time"
+    else:
+        log.error("%s from %s failed", what, sender, exc_info=exc)
+        code, text = INTERNAL, f"internal error ({type(exc).__name__})"
+    log.info("%s from %s refused: %s", what, sender, text)
+    with trio.move_on_after(2):
+        try:
+            await send_message(stream, error_message(code, text))
+        except Exception:  # noqa: S110 - the sender may be gone
+            pass
