@@ -239,7 +239,7 @@ def tell_trust_story(
         tampered = (work / "cheater.log").read_text().count("tampered answer")
         print(f"          (the cheater has signed {tampered} tampered answers so far)", flush=True)
         print(f"verifier: {read_addr(verifier, 'the verifier', verifier_log)}", flush=True)
-        print("verifier spot-checks servers from fresh identities ...", flush=True)
+        print("verifier spot-checks servers as a client (its checker clients) ...", flush=True)
         deadline = time.monotonic() + 60
         while cheat_id in {a.peer_id for a in view.usable()} and time.monotonic() < deadline:
             time.sleep(0.2)

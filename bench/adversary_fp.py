@@ -23,7 +23,7 @@ from tests.swarm import LocalSwarm
 from tests.verifier_env import start_verifier, stop_verifier
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.verifier.daemon import VerifierConfig
-from trustswarm.verifier.spotcheck import PASS, SKIPPED, CheckConfig
+from trustswarm.verifier.spotcheck import PASS, REFUSED, SKIPPED, CheckConfig
 
 
 @dataclass
@@ -71,7 +71,7 @@ def run(
             out.checks += 1
             dtype = out.servers[peer]
             out.checks_by_dtype[dtype] = out.checks_by_dtype.get(dtype, 0) + 1
-            if result.outcome == SKIPPED:
+            if result.outcome in (SKIPPED, REFUSED):  # no answer: not about honesty
                 out.checks_skipped += 1
             elif result.outcome != PASS:
                 out.check_failures.append(f"{dtype} {result.kind}: {result.detail[:200]}")

@@ -25,14 +25,13 @@ from tests.adversary import Tamper, adversarial_server_cls
 from tests.verifier_env import RunningVerifier
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.client.reports import send_report
-from trustswarm.client.rpc import SpanCall
 from trustswarm.protocol.announcement import (
     Announcement,
     SignedAnnouncement,
     announcement_key,
     sign_announcement,
 )
-from trustswarm.protocol.identity import Identity, parse_peer_id
+from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.transport import make_host, parse_peer_addr, running_host
 from trustswarm.reputation.gossip import running_pubsub
 from trustswarm.reputation.records import (
@@ -41,7 +40,7 @@ from trustswarm.reputation.records import (
     SignedReputationRecord,
     sign_record,
 )
-from trustswarm.verifier.probe import fresh_host, probe
+from trustswarm.verifier.probe import probe
 from trustswarm.verifier.reports import evidence_report
 
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
@@ -470,12 +469,9 @@ def false_report(env: Env, verifier: RunningVerifier) -> ProtocolRow:
 
     async def evidence():  # noqa: ANN202
         challenge = await v.compute(v.checker.factory.make, 0, 3, 3)
-        digest = v.model_dir.manifest.span_digest(0, 3)
-        dtype = victim.server.announcement.announcement.dtype
-        call = SpanCall(parse_peer_id(victim.peer_id), model_id, 0, 3, digest, dtype)
-        host = fresh_host()
-        async with running_host(host, []):
-            return await probe(host, call, victim.addrs, challenge, True, 20.0)
+        ann = v.view.servers[victim.peer_id]
+        async with v.checker.pool.lease() as checker:  # a client of the swarm
+            return await probe(checker.swarm, ann, challenge, "inference")
 
     async def send(report):  # noqa: ANN001, ANN202
         host = make_host(Identity.generate())

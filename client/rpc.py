@@ -13,7 +13,7 @@ from libp2p.peer.id import ID
 
 from trustswarm.protocol.codec import Message, dtype_name
 from trustswarm.protocol.digests import bytes_digest, tensors_digest
-from trustswarm.protocol.errors import ProtocolError
+from trustswarm.protocol.errors import ProtocolError, SignatureError
 from trustswarm.protocol.evidence import SignedExchange
 from trustswarm.protocol.framing import raise_if_error, receive_message, send_message
 from trustswarm.protocol.limits import DEFAULT_LIMITS, Limits
@@ -24,6 +24,13 @@ from trustswarm.protocol.statement import (
     Statement,
     check_statement,
 )
+
+
+class InvalidAnswer(SignatureError, ProtocolError):
+    """A server answered, but not with a valid signed answer to our request (bad
+    signature, a field that does not match, the wrong dtype, no output tensor): the
+    answer fails the client's checks. Not raised for error frames (RemoteError) or for
+    streams that break (the server did not answer at all)."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +83,23 @@ def checked_statement(
 ) -> tuple[torch.Tensor, Statement]:
     """Verify an answer: its wire dtype is the announced one, and its signed statement
     matches the request field by field (for an inference step: `session`'s id, step and
-    chain link). Returns the tensor and the statement (to advance `session` with)."""
+    chain link). Returns the tensor and the statement (to advance `session` with).
+    Raises RemoteError for an error frame, InvalidAnswer for an answer that fails."""
     raise_if_error(answer)
+    try:
+        return _checked(call, kind, raw_request, answer, name, session)
+    except (SignatureError, ProtocolError) as exc:
+        raise InvalidAnswer(f"{kind} answer fails the client's checks: {exc}") from exc
+
+
+def _checked(
+    call: SpanCall,
+    kind: str,
+    raw_request: bytes,
+    answer: Message,
+    name: str,
+    session: SessionChain | None,
+) -> tuple[torch.Tensor, Statement]:
     tensor = answer.tensor(name)
     if dtype_name(tensor.dtype) != call.dtype:
         raise ProtocolError(

@@ -107,6 +107,9 @@ class InferenceSession:
     max_length: int
     batch_size: int
     max_failures: int = 8
+    # Pinned (verifier checks): a failed step is the caller's to handle; the server is
+    # not banned and no replacement replays the history.
+    pinned: bool = False
     hops: list[_HopSession] = field(default_factory=list)
     length: int = 0
     mask: torch.Tensor | None = None
@@ -234,6 +237,8 @@ class InferenceSession:
             except Exception as exc:
                 await close_quietly(hop.stream)
                 self._ended(hop)
+                if self.pinned:
+                    raise
                 self._fail(str(hop.call.peer_id), f"step failed: {type(exc).__name__}: {exc}")
                 self.hops[i : i + 1] = await self._replace(hop, mask[:, : self.length])
                 continue

@@ -112,8 +112,11 @@ def _error_code(exc: Exception) -> str:
     return INTERNAL
 
 
+Handler = Callable[[ServingContext, INetStream], Awaitable[None]]
+
+
 def guarded(
-    ctx: ServingContext, name: str, body: Callable[[ServingContext, INetStream], Awaitable[None]]
+    ctx: ServingContext, name: str, body: Handler
 ) -> Callable[[INetStream], Awaitable[None]]:
     """Wrap a handler: any failure becomes an error frame, the stream is closed."""
 

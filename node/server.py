@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import torch
 import trio
 from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from trustswarm.models.runner import BlockRunner
@@ -39,6 +41,7 @@ from trustswarm.reputation.records import REPUTATION_NAMESPACE, ReputationValida
 
 from .config import ServerConfig
 from .handlers import (
+    Handler,
     ServingContext,
     guarded,
     handle_backward,
@@ -68,6 +71,7 @@ class BlockServer:
     runner: BlockRunner | None = None
     host: IHost | None = None
     dht: KadDHT | None = None
+    pubsub: Pubsub | None = None  # relays verifiers' reputation records
     announcement: SignedAnnouncement | None = None
     ctx: ServingContext | None = None
 
@@ -147,6 +151,15 @@ class BlockServer:
     def _load_runner(self, span: tuple[int, int]) -> BlockRunner:
         return BlockRunner(self.model_dir, span[0], span[1], self.dtype)
 
+    def _stream_handlers(self) -> list[tuple[TProtocol, str, Handler]]:
+        """(protocol, name, handler) for every RPC this server answers."""
+        return [
+            (protocols.INFO, "info", handle_info),
+            (protocols.FORWARD, "forward", handle_forward),
+            (protocols.BACKWARD, "backward", handle_backward),
+            (protocols.INFERENCE, "inference", handle_inference),
+        ]
+
     def _make_context(self) -> ServingContext:
         return ServingContext(
             identity=self.identity,
@@ -173,19 +186,14 @@ class BlockServer:
             # Pubsub relays verifiers' reputation records; it must run before dialling.
             async with (
                 background_trio_service(self.dht),
-                record_relay(self.host, self.model_id),
+                record_relay(self.host, self.model_id) as self.pubsub,
             ):
                 await connect_peers(self.host, self.dht, initial_peers)
                 span = self.span or await self._choose_span(initial_peers)
                 self.runner = await trio.to_thread.run_sync(self._load_runner, span)
                 self.throughput = await trio.to_thread.run_sync(measure_throughput, self.runner)
                 self.ctx = self._make_context()
-                for protocol_id, name, body in (
-                    (protocols.INFO, "info", handle_info),
-                    (protocols.FORWARD, "forward", handle_forward),
-                    (protocols.BACKWARD, "backward", handle_backward),
-                    (protocols.INFERENCE, "inference", handle_inference),
-                ):
+                for protocol_id, name, body in self._stream_handlers():
                     self.host.set_stream_handler(protocol_id, guarded(self.ctx, name, body))
                 peer = str(self.identity.peer_id)
                 full = list(

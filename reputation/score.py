@@ -38,6 +38,22 @@ States:
 Defaults: alpha0 = beta0 = 1, half-life 7 days, 5 passes to leave probation,
 ok threshold 0.8 (5 passes and no failure: 6/7 = 0.86 -> ok; 5 passes and one
 failure: 6/12 = 0.5 -> probation).
+
+Refusals: a check the server declined (`busy`, an error frame), let time out or did
+not take at all is neither a pass nor a failure, but it is not nothing either: a
+server that refuses checks must not keep the confidence its old passes bought (nor
+stay "unchecked" for ever). Refusals are a third, decayed weight `refusals` (half-life
+`refusal_half_life`, 6 hours: being busy for a while passes) that discounts the pass
+evidence by the share of passes among passes and refusals::
+
+    answered_passes = passes * passes / (passes + refusal_weight * refusals)
+
+The score and state are then computed from `answered_passes` instead of `passes`.
+With no refusals nothing changes; more refusals never raise the score or improve the
+state; a server that refuses most checks loses the credit of its passes: back to
+probation, its score back toward the prior (confidence lost, not an accusation: a
+refusal proves nothing).
+100 passes and 1 refusal still count as 99 passes; 5 passes and 20 refusals as 1.
 """
 
 from __future__ import annotations
@@ -51,6 +67,7 @@ OK = "ok"
 PROBATION = "probation"
 BANNED = "banned"
 STATES = (OK, PROBATION, BANNED)
+REFUSED = "refused"  # a check outcome: declined (busy), timed out or not taken
 
 
 @dataclass(frozen=True)
@@ -61,9 +78,12 @@ class ScoreModel:
     probation_evidence: float = 5.0  # decayed passes needed before leaving probation
     ok_threshold: float = 0.8  # minimum score for "ok" once out of probation
     failure_weight: float = 5.0  # one failed check counts as this many passes
+    refusal_half_life: float = 6 * 3600.0  # seconds; refusals fade faster than evidence
+    refusal_weight: float = 1.0  # one refused check offsets this many answered ones
 
     def __post_init__(self) -> None:
-        for name in ("prior_pass", "prior_fail", "half_life", "failure_weight"):
+        names = ("prior_pass", "prior_fail", "half_life", "failure_weight")
+        for name in (*names, "refusal_half_life", "refusal_weight"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ReputationError(f"ScoreModel.{name} must be a positive number, got {value!r}")
@@ -101,6 +121,32 @@ class ScoreModel:
     def published_score(self, passes: float, failures: float, banned: bool) -> float:
         """The score a verifier publishes: 0 for a banned identity."""
         return 0.0 if banned else self.score(passes, failures)
+
+    # -- refusals (see the module docstring) ------------------------------------------
+
+    def answered_passes(self, passes: float, failures: float, refusals: float) -> float:
+        """Pass evidence discounted by the share of passes among passes and refusals
+        (failures are counted, and weigh, on their own)."""
+        p, r = _evidence(passes), _evidence(refusals)
+        _evidence(failures)
+        if r == 0 or p == 0:
+            return p
+        return p * p / (p + self.refusal_weight * r)
+
+    def score_with_refusals(self, passes: float, failures: float, refusals: float) -> float:
+        return self.score(self.answered_passes(passes, failures, refusals), failures)
+
+    def state_with_refusals(
+        self, passes: float, failures: float, refusals: float, banned: bool
+    ) -> str:
+        return self.state(self.answered_passes(passes, failures, refusals), failures, banned)
+
+    def decay_refusals(self, weight: float, age_seconds: float) -> float:
+        """Weight of refusals `age_seconds` old (half-life `refusal_half_life`)."""
+        if age_seconds == math.inf:
+            return 0.0
+        age = age_seconds if math.isfinite(age_seconds) and age_seconds > 0 else 0.0
+        return _evidence(weight) * 0.5 ** (age / self.refusal_half_life)
 
 
 def _evidence(value: float) -> float:

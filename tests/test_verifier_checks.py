@@ -1,6 +1,7 @@
 """Verifier spot-checks against a real loopback swarm (tiny model): honest servers are
-credited only after comparison, a tampering server is banned with proof, every check
-comes from a fresh identity, and a server that declines is not scored."""
+credited only after comparison, a tampering server is banned with proof, checks come
+from the verifier's few checker clients (never its own identity), and a server that
+declines has refused the check: not scored, but it costs pick weight."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from trustswarm.node.config import ServerConfig
 from trustswarm.protocol.evidence import DisagreementReport
 from trustswarm.verifier.challenges import ChallengeFactory
 from trustswarm.verifier.daemon import VerifierConfig
-from trustswarm.verifier.spotcheck import FRAUD, PASS, SKIPPED, CheckConfig
+from trustswarm.verifier.spotcheck import FRAUD, PASS, REFUSED, CheckConfig
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -114,19 +115,25 @@ def test_tampering_server_is_banned_with_proof(swarm, verifier, kind):
     assert swarm.cheat.peer_id not in picked
 
 
-def test_every_check_uses_a_fresh_identity(swarm, verifier):
+def test_checks_come_from_the_checker_clients(swarm, verifier):
     results = [
         check(swarm, verifier, swarm.spy, share) for share in ("forward", "inference", "backward")
     ]
     assert all(r.outcome == PASS for r in results), [r.detail for r in results]
     seen = swarm.spy.server.ctx.seen
     probers = {r.prober for r in results}
-    assert len(probers) == 3
-    assert probers <= seen
+    pool = verifier.verifier.checker.pool
+    assert probers <= seen and probers <= set(pool.identities)
+    assert len(probers) <= pool.size
     assert verifier.peer_id not in seen
 
 
-def test_a_server_that_declines_is_not_scored(swarm, verifier):
+def test_a_server_that_declines_has_refused(swarm, verifier):
+    checker = verifier.verifier.checker
+    model_id = verifier.verifier.model_id
     result = check(swarm, verifier, swarm.busy, "inference")  # max_sessions=0: answers busy
-    assert result.outcome == SKIPPED and "busy" in result.detail
-    assert verifier.store.get(swarm.busy.peer_id, verifier.verifier.model_id) is None
+    assert result.outcome == REFUSED and "busy" in result.detail
+    assert verifier.store.get(swarm.busy.peer_id, model_id) is None  # no evidence either way
+    assert checker.refusals.count(swarm.busy.peer_id, model_id) == 1
+    weights = dict((a.peer_id, w) for a, w in checker.candidates())
+    assert weights[swarm.busy.peer_id] < 0.6  # a server never checked has weight 1

@@ -15,7 +15,6 @@ from tests.adversary import Tamper, adversarial_server_cls
 from tests.swarm import LocalSwarm
 from tests.verifier_env import one_torch_thread, start_verifier, stop_verifier, wait_until  # noqa: F401 - fixture
 from trustswarm.client.reports import ReportVerdict, send_report
-from trustswarm.client.rpc import SpanCall
 from trustswarm.protocol.codec import Message, decode_message, encode_message
 from trustswarm.protocol.digests import tensors_digest
 from trustswarm.protocol.errors import RemoteError
@@ -25,10 +24,10 @@ from trustswarm.protocol.evidence import (
     ReplicaAnswer,
     SignedExchange,
 )
-from trustswarm.protocol.identity import Identity, parse_peer_id
+from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.transport import make_host, parse_peer_addr, running_host
 from trustswarm.verifier.daemon import VerifierConfig
-from trustswarm.verifier.probe import fresh_host, probe
+from trustswarm.verifier.probe import probe
 from trustswarm.verifier.reports import BadReport, ReportConfig, evidence_report, parse_report
 from trustswarm.verifier.spotcheck import CheckConfig
 
@@ -63,15 +62,13 @@ def verifier(swarm: LocalSwarm, tmp_path_factory: pytest.TempPathFactory):
 def evidence_from(swarm, verifier, server, inference: bool) -> Evidence:
     """What a client holds after asking `server` (blocks 1:5) once."""
     v = verifier.verifier
+    kind = "inference" if inference else "forward"
 
     async def run() -> Evidence:
         challenge = await v.compute(v.checker.factory.make, 1, 5, 2 if inference else 0)
-        digest = v.model_dir.manifest.span_digest(1, 5)
-        dtype = server.server.announcement.announcement.dtype
-        call = SpanCall(parse_peer_id(server.peer_id), v.model_id, 1, 5, digest, dtype)
-        host = fresh_host()
-        async with running_host(host, []):
-            return await probe(host, call, server.addrs, challenge, inference, 10.0)
+        ann = v.view.servers[server.peer_id]
+        async with v.checker.pool.lease() as checker:  # a client of the swarm
+            return await probe(checker.swarm, ann, challenge, kind)
 
     return swarm.loop.run(run)
 

@@ -9,24 +9,47 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class CheckConfig:
     check_every: float = 1.0  # mean seconds between checks (exponential gaps)
-    inference_share: float = 0.6  # share of checks that are multi-step inference sessions
+    inference_share: float = 0.6  # share of checks that are inference sessions (generations)
     backward_share: float = 0.15  # share that are backward passes (fine-tuning traffic)
-    min_decode_steps: int = 2  # 1-token steps after the prefill, drawn uniformly
-    max_decode_steps: int = 6
+    # Inference checks are generations as a client's generate() runs them: max_length =
+    # prompt + max_new_tokens, max_new_tokens log-uniform in [min, max]; the prefill and
+    # max_new_tokens - 1 decode steps, or fewer (a stop token) in early_stop_share of them.
+    min_new_tokens: int = 2
+    max_new_tokens: int = 64
+    early_stop_share: float = 0.25
     sub_span_share: float = 0.25  # share of checks that ask a part of the server's span
     timeout: float = 30.0  # per request, as a client's request_timeout
     max_concurrent: int = 2
+    # Checker identities: this many clients at once, each living checker_lifetime seconds
+    # on average (drawn in [0.5, 1.5] x that; the first ones staggered), then replaced.
+    checkers: int = 3
+    checker_lifetime: float = 600.0
+    # Servers that keep refusing checks (busy, timeouts) get at most this share of the
+    # picks and at most refusing_concurrent checks at a time, outside max_concurrent.
+    max_refusing_share: float = 0.1
+    refusing_concurrent: int = 1
 
     def __post_init__(self) -> None:
         if not self.check_every > 0:
             raise ValueError("check_every must be positive")
-        if not 0 <= self.min_decode_steps <= self.max_decode_steps:
-            raise ValueError("need 0 <= min_decode_steps <= max_decode_steps")
-        shares = (self.inference_share, self.backward_share, self.sub_span_share)
+        if not 1 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError("need 1 <= min_new_tokens <= max_new_tokens")
+        shares = (
+            self.inference_share,
+            self.backward_share,
+            self.sub_span_share,
+            self.early_stop_share,
+        )
         if not all(0 <= s <= 1 for s in shares):
             raise ValueError("shares must lie in [0, 1]")
         if self.inference_share + self.backward_share > 1:
             raise ValueError("inference_share + backward_share must not exceed 1")
+        if not 0 < self.max_refusing_share <= 1:
+            raise ValueError("max_refusing_share must lie in (0, 1]")
+        if self.checkers < 1 or self.max_concurrent < 1 or self.refusing_concurrent < 1:
+            raise ValueError("checkers, max_concurrent and refusing_concurrent must be >= 1")
+        if not self.checker_lifetime > 0:
+            raise ValueError("checker_lifetime must be positive")
 
 
 @dataclass(frozen=True)
@@ -68,7 +91,9 @@ class VerifierConfig:
     checks: CheckConfig = field(default_factory=CheckConfig)
     reports: ReportConfig = field(default_factory=ReportConfig)
     audits: AuditConfig = field(default_factory=AuditConfig)
-    refresh_every: float = 10.0  # seconds between swarm discovery rounds
+    # Seconds between swarm discovery rounds, over all checker clients together (each
+    # refreshes every refresh_every x checks.checkers, a client's 30 s by default).
+    refresh_every: float = 10.0
     republish_every: float = 30.0  # seconds between re-publishing every record
     record_ttl: float = 300.0  # seconds a signed record stays valid
     publish_pace: float = 0.15  # seconds between two publishes (gossipsub drops bursts)

@@ -2,8 +2,9 @@
 
 One libp2p host under the verifier's published identity joins the swarm's DHT (server
 mode, with the announcement and reputation validators) and gossipsub, learns the
-servers like a client does (info RPC + DHT), serves `/trustswarm/report/1`, and runs
-three loops: spot-checks at random times (each from a fresh identity, see
+servers through its checker clients (a few long-lived client identities, checkers.py;
+its own identity does not call servers), serves `/trustswarm/report/1`, and runs
+three loops: spot-checks at random times (made as a client by a checker, see
 spotcheck.py), publishing a new signed record for a server right after each check or
 ban, and re-publishing every server's record periodically (records expire; the
 publisher paces its sends because gossipsub drops bursts).
@@ -25,7 +26,8 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
-from trustswarm.client.swarm import SwarmClient, SwarmView
+from trustswarm.client.swarm import SwarmView
+from trustswarm.client.trust import TrustView
 from trustswarm.models.compute import run_limited
 from trustswarm.models.runner import BlockRunner
 from trustswarm.models.store import ModelDir
@@ -52,6 +54,7 @@ from trustswarm.reputation.store import ReputationStore
 
 from .audits import AuditDesk
 from .challenges import ChallengeFactory
+from .checkers import CheckerPool
 from .conditioning import NaturalConditioning
 from .config import VerifierConfig
 from .judge import Judge
@@ -101,6 +104,8 @@ class Verifier:
         rep = self.store.get(peer_id, self.model_id)
         if rep is None:
             return None
+        if self.checker is not None:  # refused checks cost confidence (score.py)
+            rep = self.checker.standing(rep)
         ann = self.view.servers.get(peer_id) if self.view else None
         if ann is not None:
             start, end = ann.start, ann.end
@@ -171,16 +176,6 @@ class Verifier:
     async def _on_ban(self, peer_id: str) -> None:
         self.changed(peer_id)
 
-    # -- discovery ------------------------------------------------------------------
-
-    async def _refresh_forever(self, swarm: SwarmClient) -> None:
-        while True:
-            try:
-                await swarm.refresh()
-            except Exception as exc:
-                log.warning("refreshing the swarm view failed: %s", exc)
-            await trio.sleep(self.config.refresh_every)
-
     # -- main -----------------------------------------------------------------------
 
     def _load(self) -> tuple[BlockRunner, ChallengeFactory, Judge]:
@@ -217,19 +212,27 @@ class Verifier:
                     model_id=self.model_id,
                     span_digest=self.model_dir.manifest.span_digest,
                     request_timeout=cfg.checks.timeout,
+                    # Checkers follow our records on gossip, as a client trusting us does.
+                    trust=TrustView({self.peer_id}, model_id=self.model_id),
                 )
-                swarm = SwarmClient(
-                    self.host, self.view, initial_peers, connect_timeout=cfg.connect_timeout
+                pool = CheckerPool(
+                    self.view,
+                    initial_peers,
+                    self.swarm_key,
+                    size=cfg.checks.checkers,
+                    lifetime=cfg.checks.checker_lifetime,
+                    refresh_every=cfg.refresh_every * cfg.checks.checkers,
+                    connect_timeout=cfg.connect_timeout,
+                    rng=random.Random(self.rng.random()),
                 )
-                swarm.dht = self.dht
                 self.checker = SpotChecker(
                     self.view,
                     factory,
                     judge,
                     self.store,
                     self.compute,
+                    pool,
                     cfg.checks,
-                    self.swarm_key,
                     random.Random(self.rng.random()),
                 )
                 self.audits = AuditDesk(judge, self.store, self.compute, cfg.audits, self._on_ban)
@@ -254,7 +257,7 @@ class Verifier:
                 )
                 async with trio.open_nursery() as nursery:
                     await nursery.start(follow_records, pubsub, self.model_id)  # relay only
-                    nursery.start_soon(self._refresh_forever, swarm)
+                    await nursery.start(pool.run)  # discovery: the checkers' refreshes
                     nursery.start_soon(self._republish_forever, publisher)
                     nursery.start_soon(self._publish_changes, publisher)
                     nursery.start_soon(self.checker.run, self._on_check)

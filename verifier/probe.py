@@ -1,169 +1,119 @@
-"""Sending a challenge to one server, exactly as a client would, and keeping the evidence.
+"""Sending a challenge to one server with the client library's own code, keeping the evidence.
 
-Each probe runs on its own libp2p host with a fresh identity (never the verifier's
-published one), dials the server, asks for its info as a client's discovery does, then
-sends a forward request or opens an inference session (prefill, then 1-token steps)
-with the client library's own message layout and checks every signed answer as a
-client does. What comes back is the evidence: each request and answer byte for byte.
+There is no wire code here: a check is a client call made by one of the verifier's
+checker clients (checkers.py). Forward and backward requests go through `call_span` with
+the checker's stream pool (an idle stream to the server is reused, as a client's is);
+inference is an `InferenceSession` pinned to the server (no failover: the check is about
+this server) running a generation whose length is drawn like a client's
+`generate(max_new_tokens=...)` (`draw_generation`). Every answer is checked as a client
+checks it; what comes back is the evidence, each request and answer byte for byte.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Sequence
+from dataclasses import dataclass
 
-import multiaddr
-import torch
-import trio
-from libp2p.abc import IHost
-from libp2p.custom_types import TProtocol
-from libp2p.peer.peerinfo import PeerInfo
-
-from trustswarm.client.rpc import SpanCall, checked_statement, close_quietly, open_stream
-from trustswarm.client.rpc import request_message as span_request
-from trustswarm.client.session import open_session
+from trustswarm.client.redundant import span_call
+from trustswarm.client.routing import Hop
+from trustswarm.client.rpc import InvalidAnswer, call_span
+from trustswarm.client.session import InferenceSession
+from trustswarm.client.swarm import SwarmClient
 from trustswarm.protocol import protocols
-from trustswarm.protocol.codec import Message
-from trustswarm.protocol.errors import ProtocolError, SignatureError, TrustswarmError
-from trustswarm.protocol.evidence import Evidence, SignedExchange
-from trustswarm.protocol.framing import raise_if_error, receive_message, send_message
-from trustswarm.protocol.identity import Identity
-from trustswarm.protocol.info import call_info
-from trustswarm.protocol.sessions import SessionChain, SessionError
-from trustswarm.protocol.transport import make_host
+from trustswarm.protocol.announcement import Announcement
+from trustswarm.protocol.evidence import Evidence
+from trustswarm.protocol.sessions import SessionError
 
 from .challenges import Challenge
 
-
-class InvalidAnswer(TrustswarmError):
-    """A server answered, but not with a valid signed answer to our request."""
+__all__ = ["Generation", "InvalidAnswer", "draw_generation", "probe"]
 
 
-def fresh_host(swarm_key: str | None = None) -> IHost:
-    """A host under a new, never reused identity: a check looks like a new client."""
-    return make_host(Identity.generate(), swarm_key)
+@dataclass(frozen=True)
+class Generation:
+    """What a client's generate() does: max_length = prompt + max_new_tokens; the
+    prefill and then `decode_steps` one-token steps (max_new_tokens - 1, or fewer when
+    a stop token ends it early)."""
+
+    max_new_tokens: int
+    decode_steps: int
+
+
+def draw_generation(
+    rng: random.Random, min_new_tokens: int, max_new_tokens: int, early_stop_share: float
+) -> Generation:
+    """max_new_tokens log-uniform in [min, max]; in `early_stop_share` of the draws the
+    generation stops early, uniformly before its last step."""
+    low, high = math.log(min_new_tokens), math.log(max_new_tokens + 1)
+    new_tokens = min(max_new_tokens, int(math.exp(rng.uniform(low, high))))
+    steps = new_tokens - 1
+    if steps > 0 and rng.random() < early_stop_share:
+        steps = rng.randrange(steps)
+    return Generation(new_tokens, steps)
 
 
 async def probe(
-    host: IHost,
-    call: SpanCall,
-    addrs: Sequence[str],
+    swarm: SwarmClient,
+    server: Announcement,
     challenge: Challenge,
-    inference: bool,
-    timeout: float,
-    rng: random.Random | None = None,
+    kind: str,
+    max_length: int = 0,
 ) -> Evidence:
-    """Send `challenge` to the server named by `call`; return the signed exchanges.
+    """Send `challenge` (blocks challenge.start:end) to `server` as the client `swarm`
+    would; return the signed exchanges.
 
     Raises InvalidAnswer for an answer that fails the client's checks (bad signature,
-    wrong digests, wrong shape), RemoteError for an error frame, and trio.TooSlowError
-    or other TrustswarmErrors when the server cannot be reached.
+    wrong digests or dtype, a session opened under another id), RemoteError for an error
+    frame, and trio.TooSlowError or other errors when the server does not answer.
     """
-    rng = rng or random.Random()
-    with trio.fail_after(timeout):
-        await host.connect(PeerInfo(call.peer_id, [_strip_p2p(a) for a in addrs]))
-    await call_info(host, call.peer_id, timeout)
-    if inference:
-        exchanges = await _session(host, call, challenge, timeout, rng)
-    elif challenge.grad_outputs is not None:
-        exchanges = [await _backward(host, call, challenge, timeout)]
-    else:
-        exchanges = [await _forward(host, call, challenge, timeout)]
-    return Evidence(tuple(exchanges))
-
-
-def _checked(
-    call: SpanCall,
-    kind: str,
-    raw: bytes,
-    answer: Message,
-    session: SessionChain | None = None,
-    name: str = "hidden_states",
-) -> None:
-    """The client's checks (signature, every field, the announced dtype); a session
-    advances past the step. A signed answer of the wrong shape passes here: it is still
-    a signed statement, and the judge's comparison turns it into proof."""
-    raise_if_error(answer)  # RemoteError: the server declined; not evidence of anything
-    try:
-        _, statement = checked_statement(call, kind, raw, answer, name, session)
-    except (SignatureError, ProtocolError) as exc:
-        raise InvalidAnswer(f"{kind} answer fails the client's checks: {exc}") from None
-    if session is not None:
-        session.advance(statement)
-
-
-async def _forward(host: IHost, call: SpanCall, challenge: Challenge, timeout: float):
+    if kind == "inference":
+        return await _session(swarm, server, challenge, max_length)
+    call = span_call(swarm.view, server, challenge.start, challenge.end)
     step = challenge.steps[0]
     tensors = {
         "hidden_states": step.hidden,
         "position_ids": step.positions,
         "attention_mask": step.mask,
     }
-    return await _one_shot(host, call, protocols.FORWARD, "forward", tensors, timeout)
-
-
-async def _backward(host: IHost, call: SpanCall, challenge: Challenge, timeout: float):
-    step = challenge.steps[0]
-    tensors = {
-        "hidden_states": step.hidden,
-        "grad_outputs": challenge.grad_outputs,
-        "position_ids": step.positions,
-        "attention_mask": step.mask,
-    }
-    return await _one_shot(host, call, protocols.BACKWARD, "backward", tensors, timeout)
-
-
-async def _one_shot(
-    host: IHost,
-    call: SpanCall,
-    protocol: TProtocol,
-    kind: str,
-    tensors: dict[str, torch.Tensor],
-    timeout: float,
-) -> SignedExchange:
-    request = span_request(call, tensors)
-    stream = await open_stream(host, call.peer_id, protocol, timeout)
-    try:
-        with trio.fail_after(timeout):
-            raw = await send_message(stream, request)
-            answer, raw_answer = await receive_message(stream)
-    finally:
-        await close_quietly(stream)
-    name = "grad_inputs" if kind == "backward" else "hidden_states"
-    _checked(call, kind, raw, answer, name=name)
-    return SignedExchange(raw, raw_answer)
+    protocol, answer = protocols.FORWARD, "hidden_states"
+    if kind == "backward":
+        tensors = {**tensors, "grad_outputs": challenge.grad_outputs}
+        protocol, answer = protocols.BACKWARD, "grad_inputs"
+    await swarm.ensure_connected(call.peer_id)
+    _, exchange = await call_span(
+        swarm.host,
+        call,
+        protocol,
+        kind,
+        tensors,
+        answer,
+        swarm.view.request_timeout,
+        pool=swarm.streams,
+    )
+    return Evidence((exchange,))
 
 
 async def _session(
-    host: IHost, call: SpanCall, challenge: Challenge, timeout: float, rng: random.Random
-) -> list[SignedExchange]:
-    # A client asks for prompt + max_new_tokens and may stop early (end of sequence).
-    max_length = challenge.total_tokens + rng.choice((0, 0, 4, 16, 32))
-    stream = await open_stream(host, call.peer_id, protocols.INFERENCE, timeout)
-    exchanges: list[SignedExchange] = []
+    swarm: SwarmClient, server: Announcement, challenge: Challenge, max_length: int
+) -> Evidence:
+    max_length = max(max_length, challenge.total_tokens)
+    session = InferenceSession(swarm, challenge.start, challenge.end, max_length, 1, pinned=True)
     try:
-        try:
-            session = await open_session(stream, call, max_length, 1, timeout)
-        except SessionError as exc:  # not a lost stream or a declined session: a bad answer
-            raise InvalidAnswer(f"inference open answer fails the client's checks: {exc}") from None
-        for step in challenge.steps:
-            request = Message(
-                tensors={
-                    "hidden_states": step.hidden,
-                    "position_ids": step.positions,
-                    "attention_mask": step.mask,
-                },
-                meta={"session_id": session.session_id, "step": str(session.step)},
-            )
-            with trio.fail_after(timeout):
-                raw = await send_message(stream, request)
-                answer, raw_answer = await receive_message(stream)
-            _checked(call, "inference", raw, answer, session)
-            exchanges.append(SignedExchange(raw, raw_answer))
+        await session.open_on([Hop(server, challenge.start, challenge.end)])
+    except SessionError as exc:  # not a lost stream or a declined session: a bad answer
+        raise InvalidAnswer(f"inference open answer fails the client's checks: {exc}") from None
+    transcript = session.hops[0].transcript
+    try:
+        for answered, step in enumerate(challenge.steps):
+            try:
+                await session.step(step.hidden, step.positions, step.mask)
+            except Exception:
+                if len(transcript) > answered:
+                    # Signed and checked, then refused by the client (the wrong shape):
+                    # still evidence; the judge's comparison turns it into proof.
+                    break
+                raise
     finally:
-        await close_quietly(stream)
-    return exchanges
-
-
-def _strip_p2p(addr: str) -> multiaddr.Multiaddr:
-    return multiaddr.Multiaddr(addr.split("/p2p/")[0])
+        await session.close()
+    return Evidence(tuple(transcript))
