@@ -278,6 +278,12 @@ def record_attacks(env: Env, verifier: RunningVerifier) -> list[ProtocolRow]:
             ),
         }
         nodes = _node_dhts(env, verifier)
+        # A replay is refused by a node that holds the newer record. The verifier's own
+        # puts reach nodes at its republish pace, so deliver the genuine record the
+        # client holds to every node first, as honest propagation would.
+        if held is not None:
+            for peer, _ in nodes:
+                attacker.store_at(peer, held.record.key, held.to_bytes())
         for signed in cases.values():
             data = signed.to_bytes()
             attacker.gossip(topic, data)
