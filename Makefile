@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench bench-training bench-table bench-adversary bench-redundancy clean
+.PHONY: setup demo test lint bench bench-training bench-table bench-adversary bench-redundancy bench-audits clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench-adversary: setup
 
 bench-redundancy: setup
 	$(PY) bench/redundancy.py $(BENCH_ARGS)
+
+# Client audits against a cheater no spot-check sees (issue 11): bench/results/audits.md,
+# real SmolLM2, bounded by --max-minutes (default 40). BENCH_ARGS="--max-minutes 10" to shorten.
+bench-audits: setup
+	$(PY) bench/audits.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
