@@ -46,7 +46,7 @@ class NextTokenCheck:
             self._runners[dtype] = BlockRunner(model_dir, 0, model_dir.num_blocks, dtype)
         return self._runners[dtype]
 
-    def _recompute_in(
+    def recompute_in(
         self, dtype: torch.dtype, rec: Recomputed, start: int, end: int
     ) -> list[torch.Tensor]:
         """The span's answers recomputed in `dtype`, as an honest server computes them."""
@@ -89,7 +89,7 @@ class NextTokenCheck:
         if verdict.agree:
             return ""
         if dtype != torch.float32 and rec.inputs:
-            same = self._downstream(self._recompute_in(dtype, rec, start, end), rec, end)
+            same = self._downstream(self.recompute_in(dtype, rec, start, end), rec, end)
             if compare_next_token(logits, same, SAME_DTYPE_TOLERANCE).agree:
                 return ""
         return f"next token: {verdict.reason}"
