@@ -1,7 +1,7 @@
 """False fraud reports against honest servers (issue 10: "0 honest servers banned or failed
 after the framing search's best inputs and >= 100 spliced or framed reports").
 
-    .venv/bin/python bench/adversary_reports.py                 # ~5-15 min, 2-core VM
+    .venv/bin/python bench/adversary_reports.py                 # ~4 min on a loaded 2-core VM
     .venv/bin/python bench/adversary_reports.py --max-minutes 5 --splice-rounds 6
 
 On the tiny test model (tests/tiny_model.py, in a temp dir), in-process real hosts as the
@@ -21,10 +21,11 @@ minute). Each server first gets `--warmup-passes` passed spot-checks so that it 
   step, the signed answer reported. The requests and reports are FramingClient's own
   (span_call, ask_forward, ask_session, FramingClient.report, send_report), sent from one
   asking and one reporting host per (span, server): FramingClient.frame makes a fresh
-  host per call and per report, and py-libp2p 0.8.1 leaves a closed host's TCP
-  connection open while the process lives, so after ~250 reports from one process the
-  verifier's inbound connection slots are full and it refuses every new connection
-  (`--framing-client` runs FramingClient.frame as is and shows it).
+  host per call and per report, and a host closed by `running_host` leaves its TCP
+  connections open (both ends ESTABLISHED) while the process lives, so after ~200-250
+  reports from one process the verifier's inbound connection cap (py-libp2p's
+  max_connections - min_connections = 250) is full and it refuses new connections
+  (`--framing-client` runs FramingClient.frame as is: 215 of 540 reports failed so).
 
 Every verdict is counted per kind (upheld / rejected / rate_limited / error); rejected
 ones also by why (evidence refused, agrees with the reference, outside tolerance but
@@ -489,7 +490,17 @@ def wait_for_records(bench: Bench, since: float, timeout: float) -> None:
 
 
 def verdict_line(run: Run) -> tuple[bool, str]:
-    false_reports = sum(t.total for t in run.tallies.values() if t.family != "genuine")
+    """PASS: >= 100 spliced or framed reports judged (upheld or rejected), none upheld,
+    every honest server ok with 0 failures and no ban, in the store and its record."""
+
+    def judged(family: str, same: bool) -> int:
+        return sum(
+            t.verdicts["upheld"] + t.verdicts["rejected"]
+            for t in run.tallies.values()
+            if (t.family == family) == same
+        )
+
+    sent = sum(t.total for t in run.tallies.values() if t.family != "genuine")
     upheld = sum(t.verdicts["upheld"] for t in run.tallies.values())
     bad = [
         p
@@ -500,12 +511,12 @@ def verdict_line(run: Run) -> tuple[bool, str]:
         or s["published_state"] not in ("ok", None)
         or s["published_failures"]
     ]
-    ok = not bad and upheld == 0 and false_reports >= 100
+    false_judged = judged("genuine", False)
+    ok = not bad and upheld == 0 and false_judged >= 100 and len(run.after) == len(run.servers)
     text = (
-        f"{'PASS' if ok else 'FAIL'}: {false_reports} spliced or framed reports "
-        f"(+ {sum(t.total for t in run.tallies.values() if t.family == 'genuine')} genuine "
-        f"transcripts), {upheld} upheld; honest servers not ok or with failures: {len(bad)}"
-        f"/{len(run.after)}"
+        f"{'PASS' if ok else 'FAIL'}: {false_judged} spliced or framed reports judged "
+        f"({sent} sent; + {judged('genuine', True)} genuine transcripts judged), {upheld} "
+        f"upheld; honest servers not ok or with failures: {len(bad)}/{len(run.after)}"
     )
     return ok, text
 
@@ -527,8 +538,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--framing-client",
         action="store_true",
         help="frame through FramingClient.frame as is: a fresh libp2p host per report "
-        "(py-libp2p leaves closed hosts' TCP connections open in-process; after ~250 the "
-        "verifier refuses new connections)",
+        "(closed hosts' TCP connections stay open in-process; after ~250 the verifier "
+        "refuses new connections)",
     )
     return parser.parse_args(argv)
 
@@ -568,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "max_reports_per_minute": args.max_reports,
         "checks_in_store": checks,
+        "framing_hosts": "FramingClient.frame as is (a fresh host per call and per report)"
+        if args.framing_client
+        else "FramingClient's calls from one asking and one reporting host per (span, server)",
     }
     ok, line = verdict_line(bench.run)
     meta["result"] = line
@@ -643,7 +657,8 @@ def render(meta: dict[str, Any], run: Run) -> str:
         "servers of blocks 0:6, one real verifier (spot-checks off, reports limited to "
         f"{meta['max_reports_per_minute']} per reporter per minute). Each server got "
         f"passed spot-checks first so it is `ok` ({meta['checks_in_store']} checks in the "
-        f"store; warm-up outcomes {run.warmup}).",
+        f"store; warm-up outcomes {run.warmup}). Framed requests and reports: "
+        f"{meta['framing_hosts']}.",
         "",
         "## Verdicts per kind",
         "",
