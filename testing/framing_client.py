@@ -12,6 +12,7 @@ was honestly computed and validly signed: an upheld verdict bans an honest serve
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -121,20 +122,45 @@ async def ask_session(
 
 
 @dataclass
+class _Reporters:
+    """Reporting hosts, a new identity every `per_identity` reports (a verifier rate-limits
+    each reporter peer id). Hosts stay up until `stack` closes: py-libp2p leaves a closed
+    host's TCP connections open in-process, so a host per report would fill a verifier's
+    inbound connection slots after a few hundred reports."""
+
+    stack: AsyncExitStack
+    per_identity: int
+    host: IHost | None = None
+    sent: int = 0
+
+    async def next(self) -> IHost:
+        if self.host is None or self.sent >= self.per_identity:
+            self.host = make_host(Identity.generate())
+            await self.stack.enter_async_context(running_host(self.host, []))
+            self.sent = 0
+        self.sent += 1
+        return self.host
+
+
+@dataclass
 class FramingClient:
     """Frames `target` in front of the verifier at `verifier_addr` (a full multiaddr).
-    Each report goes out under a new identity (a reporter's rate limit is per peer id).
-    With `span_digest` (the manifest's) it can ask a sub-span of the server's span."""
+    Reports go out under a new identity every `reports_per_identity` reports (under a
+    verifier's default rate limit of 10 per reporter a minute). With `span_digest` (the
+    manifest's) it can ask a sub-span of the server's span."""
 
     verifier_addr: str
     timeout: float = 60.0
     span_digest: Callable[[int, int], str] | None = None
     kinds: tuple[str, ...] = KINDS
+    reports_per_identity: int = 8
     reports: list[DisagreementReport] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.kinds or not set(self.kinds) <= set(KINDS):
             raise TrustswarmError(f"kinds must be a non-empty subset of {KINDS}")
+        if self.reports_per_identity < 1:
+            raise TrustswarmError("reports_per_identity must be >= 1")
         parse_peer_addr(self.verifier_addr)  # a full address, or ProtocolError now
 
     async def frame(
@@ -144,18 +170,20 @@ class FramingClient:
         span: tuple[int, int] | None = None,
     ) -> list[FramingOutcome]:
         """Ask `target` for each input (on `span`, default the span it announces), report
-        every signed answer, return one outcome per (input, kind)."""
+        every signed answer, return one outcome per (input, kind). One asking host per
+        call; reporting hosts as `_Reporters` says."""
         host = make_host(Identity.generate())
         outcomes: list[FramingOutcome] = []
-        async with running_host(host, []):
+        async with running_host(host, []), AsyncExitStack() as stack:
+            reporters = _Reporters(stack, self.reports_per_identity)
             call = await span_call(host, target, span, self.span_digest, self.timeout)
             for item in inputs:
                 for kind in self.kinds:
-                    outcomes.append(await self._one(host, call, item, kind))
+                    outcomes.append(await self._one(host, reporters, call, item, kind))
         return outcomes
 
     async def _one(
-        self, host: IHost, call: SpanCall, item: FramingInput, kind: str
+        self, host: IHost, reporters: _Reporters, call: SpanCall, item: FramingInput, kind: str
     ) -> FramingOutcome:
         try:
             ask = ask_forward if kind == "forward" else ask_session
@@ -164,7 +192,8 @@ class FramingClient:
             return FramingOutcome(item.label, item.objective, kind, None, f"no answer: {exc}")
         report = self.report(call, kind, Evidence((exchange,)), item)
         self.reports.append(report)
-        verdict = await self._send(report)
+        reporter = await reporters.next()
+        verdict = await send_report(reporter, self.verifier_addr, report, self.timeout)
         return FramingOutcome(item.label, item.objective, kind, verdict)
 
     @staticmethod
@@ -182,8 +211,3 @@ class FramingClient:
             resolution="majority",
             detail=f"replicas disagreed ({item.objective}: {item.label})",
         )
-
-    async def _send(self, report: DisagreementReport) -> ReportVerdict:
-        reporter = make_host(Identity.generate())
-        async with running_host(reporter, []):
-            return await send_report(reporter, self.verifier_addr, report, self.timeout)

@@ -269,7 +269,7 @@ def test_framing_client_reports_to_a_verifier(swarm, md, full, tmp_path):
         )
         x0 = md.load_client_parts().embed_tokens(IDS[:, :1]).float()
         inputs = framing_inputs(runners, 0, 6, x0, lm_iterations=30, search_iterations=20)[:2]
-        client = FramingClient(verifier.addrs[0], timeout=30.0)
+        client = FramingClient(verifier.addrs[0], timeout=30.0, reports_per_identity=3)
         target = FramingTarget(swarm.honest.peer_id, tuple(swarm.honest.addrs))
         outcomes = swarm.loop.run(lambda: client.frame(target, inputs))
     finally:
