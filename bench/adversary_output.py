@@ -128,7 +128,7 @@ def verifier_phase(
         rep = verifier.store.get(adversary_peer, verifier.verifier.model_id)
         result.banned = rep is not None and rep.state == "banned"
         result.checks_of_adversary = sum(
-            r.peer_id == adversary_peer and r.outcome != "skipped"
+            r.peer_id == adversary_peer and r.outcome not in ("skipped", "refused")
             for r in list(verifier.verifier.results)
         )
     finally:

@@ -3,7 +3,8 @@
 One libp2p host under the verifier's published identity joins the swarm's DHT (server
 mode, with the announcement and reputation validators) and gossipsub, learns the
 servers through its checker clients (a few long-lived client identities, checkers.py;
-its own identity does not call servers), serves `/trustswarm/report/1`, and runs
+its own identity only keeps a connection to each server for the DHT and gossip, and
+makes no RPCs), serves `/trustswarm/report/1`, and runs
 three loops: spot-checks at random times (made as a client by a checker, see
 spotcheck.py), publishing a new signed record for a server right after each check or
 ban, and re-publishing every server's record periodically (records expire; the
@@ -19,10 +20,13 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import multiaddr
 import torch
 import trio
 from libp2p.abc import IHost
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -32,7 +36,7 @@ from trustswarm.models.compute import run_limited
 from trustswarm.models.runner import BlockRunner
 from trustswarm.models.store import ModelDir
 from trustswarm.protocol import protocols
-from trustswarm.protocol.announcement import AnnouncementValidator
+from trustswarm.protocol.announcement import Announcement, AnnouncementValidator
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.protocols import DHT_NAMESPACE
 from trustswarm.protocol.transport import (
@@ -176,6 +180,25 @@ class Verifier:
     async def _on_ban(self, peer_id: str) -> None:
         self.changed(peer_id)
 
+    async def _stay_connected(self) -> None:
+        """Keep a connection to every server the checkers found, as servers keep one
+        to each other: records reach them over it (gossip, DHT). No RPC goes over it;
+        discovery and checks are the checker clients'."""
+
+        async def connect(ann: Announcement) -> None:
+            addrs = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in ann.addrs]
+            with trio.move_on_after(self.config.connect_timeout):
+                try:  # a no-op while connected
+                    await self.host.connect(PeerInfo(ID.from_base58(ann.peer_id), addrs))
+                except Exception as exc:
+                    log.debug("cannot connect to %s: %s", ann.peer_id, exc)
+
+        while True:
+            async with trio.open_nursery() as nursery:
+                for ann in list(self.view.servers.values()):
+                    nursery.start_soon(connect, ann)
+            await trio.sleep(self.config.refresh_every)
+
     # -- main -----------------------------------------------------------------------
 
     def _load(self) -> tuple[BlockRunner, ChallengeFactory, Judge]:
@@ -258,6 +281,7 @@ class Verifier:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(follow_records, pubsub, self.model_id)  # relay only
                     await nursery.start(pool.run)  # discovery: the checkers' refreshes
+                    nursery.start_soon(self._stay_connected)
                     nursery.start_soon(self._republish_forever, publisher)
                     nursery.start_soon(self._publish_changes, publisher)
                     nursery.start_soon(self.checker.run, self._on_check)
