@@ -99,7 +99,7 @@ def test_audits_go_to_verifiers_the_client_can_dial():
     assert auditor is not None and auditor.rate == 0.05
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, derandomize=True)  # a statistical bound: fixed draws
 @given(st.floats(0.0, 1.0), st.integers(0, 2**32))
 def test_the_draw_chooses_about_rate_of_the_exchanges(rate: float, seed: int):
     auditor = Auditor([VERIFIER], rate, max_pending=10**6, rng=random.Random(seed))
@@ -108,7 +108,8 @@ def test_the_draw_chooses_about_rate_of_the_exchanges(rate: float, seed: int):
     chosen = sum(auditor.offer(evidence) for _ in range(n))
     assert auditor.stats.offered == n and auditor.stats.chosen == chosen
     sigma = math.sqrt(n * rate * (1 - rate))
-    assert abs(chosen - n * rate) <= 5 * sigma + 1e-9  # exact at rate 0 and 1
+    # 5 sigma, and a few events of slack where the expected count is below one.
+    assert abs(chosen - n * rate) <= 5 * sigma + (3 if 0 < rate < 1 else 1e-9)
 
 
 @given(st.integers(1, 8), st.integers(0, 40), st.integers(1, 3))
