@@ -9,6 +9,12 @@ routes through it); a client that trusts a verifier starts generating through it
 `trustswarm verifier start` process spot-checks the swarm, catches the cheater and bans
 it; the client's route changes back to the honest servers and its answer is the honest
 one again.
+
+Part 3: a second cheater joins that skips a block only for one client (the victim, whose
+peer id it was given): every spot-check comes from another identity, so every one of them
+passes. The victim's client hands a random sample of its own signed exchanges to the
+verifier (client audits; demo rate 50 %, default 3 %); the first audited cheat proves the
+fraud and the verifier bans the cheater for everyone.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ def main() -> int:
 
     import libp2p  # noqa: F401 - it configures its loggers on import; quiet them after
 
+    from trustswarm.protocol.identity import Identity
+
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)  # dead peers of part 1, shutdown
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
@@ -95,11 +103,15 @@ def main() -> int:
             procs.append(proc)
             addrs.append(addr)
             print(f"server {i}: blocks {blocks:>5}  {addr}", flush=True)
-        # Part 2's cheating server loads while part 1's client talks to the honest swarm.
+        # Part 2's and part 3's cheaters load while part 1's client talks to the honest swarm.
         cheater = start_cheater(args.model_dir, work, addrs[0])
-        procs.append(cheater)
+        victim = Identity.generate()
+        targeting = start_targeting_cheater(args.model_dir, work, addrs[0], victim)
+        procs += [cheater, targeting]
         honest = run_client(args.model_dir, addrs, args.prompt, args.max_new_tokens)
-        tell_trust_story(args, work, addrs, cheater, procs, honest)
+        verifier_addr = tell_trust_story(args, work, addrs, cheater, procs, honest)
+        if verifier_addr:
+            tell_audit_story(args, work, addrs, targeting, victim, verifier_addr)
     finally:
         stop_processes(procs)
     return 0
@@ -181,7 +193,8 @@ def tell_trust_story(
     cheater: subprocess.Popen,
     procs: list[subprocess.Popen],
     honest_answer: str,
-) -> None:
+) -> str | None:
+    """Part 2; returns the verifier's multiaddr once it has banned the cheater."""
     from transformers import AutoTokenizer
 
     from trustswarm.client import DistributedModelForCausalLM
@@ -238,7 +251,8 @@ def tell_trust_story(
         print(f"assistant (through the cheater): {first}", flush=True)
         tampered = (work / "cheater.log").read_text().count("tampered answer")
         print(f"          (the cheater has signed {tampered} tampered answers so far)", flush=True)
-        print(f"verifier: {read_addr(verifier, 'the verifier', verifier_log)}", flush=True)
+        verifier_addr = read_addr(verifier, "the verifier", verifier_log)
+        print(f"verifier: {verifier_addr}", flush=True)
         print("verifier spot-checks servers as a client (its checker clients) ...", flush=True)
         deadline = time.monotonic() + 60
         while cheat_id in {a.peer_id for a in view.usable()} and time.monotonic() < deadline:
@@ -250,7 +264,7 @@ def tell_trust_story(
                 print(f"  verifier: {names.get(peer, peer[:12])}: {line.split(' -> ', 1)[1][:110]}")
         if cheat_id in {a.peer_id for a in view.usable()}:
             print("the verifier did not catch the cheater within 60 s (see the logs)")
-            return
+            return None
         print(
             f"client: verifier {verifier_id[-8:]} banned the CHEATER; excluded "
             f"{seconds:.1f} s after the verifier was launched",
@@ -262,6 +276,90 @@ def tell_trust_story(
         print(f"assistant (honest route): {second}")
         same = "identical to" if second == honest_answer else "DIFFERENT from"
         print(f"the answer is {same} the honest swarm's answer in part 1")
+    return verifier_addr
+
+
+DEMO_AUDIT_RATE = 0.5  # demo: audit every other exchange so the story is quick (default 3 %)
+
+
+def start_targeting_cheater(model_dir: Path, work: Path, initial: str, victim) -> subprocess.Popen:  # noqa: ANN001
+    return start_process(
+        [sys.executable, "-m", "trustswarm.demo_cheater", "--model", str(model_dir),
+         "--blocks", "0:30", "--identity", str(work / "targeting.key"), "--initial-peers", initial,
+         "--victim", str(victim.peer_id), "--boast", "20"],
+        work / "targeting.log",
+    )  # fmt: skip
+
+
+def checks_of(verifier_log: Path, peer: str) -> list[str]:
+    """The verifier's spot-check outcomes for `peer`, from its log."""
+    lines = verifier_log.read_text().splitlines()
+    return [ln.split(" -> ", 1)[1].split()[0] for ln in lines if f"check {peer} " in ln]
+
+
+def wait_established(client, peer: str, verifier_log: Path, timeout: float = 180) -> bool:  # noqa: ANN001
+    """Wait until the verifier's passed spot-checks take `peer` out of probation."""
+    from trustswarm.reputation.score import OK
+
+    print("cheater 2 is on probation until it passes the verifier's spot-checks ...", flush=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.swarm.view.trust.state(peer) == OK:
+            checks = checks_of(verifier_log, peer)
+            print(f"cheater 2 passed {checks.count('pass')}/{len(checks)} spot-checks: established")
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def tell_audit_story(
+    args, work: Path, addrs: list[str], targeting, victim, verifier_addr: str
+) -> None:  # noqa: ANN001
+    """Part 3: a cheater that only the victim's own audits can see."""
+    from transformers import AutoTokenizer
+
+    from trustswarm.client import DistributedModelForCausalLM
+
+    print("\n--- part 3: a cheater that fools one client only; the client audits ---", flush=True)
+    cheat_addr = read_addr(targeting, "the targeting cheater", work / "targeting.log")
+    cheat_id = cheat_addr.split("/p2p/")[1]
+    print(f"cheater 2: blocks 0:30  {cheat_addr}", flush=True)
+    print(f"          (demo-only: skips a block only for client {str(victim.peer_id)[-8:]})")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+        return_tensors="pt", return_dict=True,
+    )["input_ids"]  # fmt: skip
+    verifier_log = work / "verifier.log"
+    with DistributedModelForCausalLM.from_pretrained(
+        args.model_dir, initial_peers=[*addrs, cheat_addr], identity=victim,
+        trusted_verifiers=[verifier_addr], audit_rate=DEMO_AUDIT_RATE,
+    ) as client:  # fmt: skip
+        print(f"client {str(victim.peer_id)[-8:]} audits {DEMO_AUDIT_RATE:.0%} of its exchanges")
+        if not wait_established(client, cheat_id, verifier_log):
+            print("cheater 2 did not leave probation within 180 s (see the logs)")
+            return
+        deadline = time.monotonic() + 180
+        for n in range(1, 100):
+            out = client.generate(ids, max_new_tokens=16, do_sample=False)
+            text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+            print(f"  generation {n}: {text!r}", flush=True)
+            if client.swarm.view.trust.banned(cheat_id) or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)  # the ended session's audit goes out in the background
+        checks = checks_of(verifier_log, cheat_id)
+        print(
+            f"spot-checks of cheater 2 so far: {len(checks)}, all passed: {all(c == 'pass' for c in checks)}"
+        )
+        for line in verifier_log.read_text().splitlines():
+            if "audit from" in line and cheat_id in line:
+                print(f"  verifier: {line.split('audit from', 1)[1][:150]}")
+        if client.swarm.view.trust.banned(cheat_id):
+            print(
+                f"client: cheater 2 banned after {n} generations, caught by the client's own audit"
+            )
+        else:
+            print("the audits did not catch cheater 2 in time (see the logs)")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.swarm import LocalSwarm, RunningServer
 from trustswarm.client import DistributedModelForCausalLM
+from trustswarm.testing.local_swarm import LocalSwarm, RunningServer
 
 FULL = (0, 6)  # the tiny model has 6 blocks
 FIRST, SECOND = (0, 3), (3, 6)

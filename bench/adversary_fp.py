@@ -19,9 +19,9 @@ import torch
 
 import trustswarm.client.agreement as agreement
 from bench.adversary_env import FULL, introduce
-from tests.swarm import LocalSwarm
-from tests.verifier_env import start_verifier, stop_verifier
 from trustswarm.client import DistributedModelForCausalLM
+from trustswarm.testing.local_swarm import LocalSwarm
+from trustswarm.testing.local_verifier import start_verifier, stop_verifier
 from trustswarm.verifier.daemon import VerifierConfig
 from trustswarm.verifier.spotcheck import PASS, REFUSED, SKIPPED, CheckConfig
 

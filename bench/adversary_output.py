@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from bench.adversary_env import FIRST, Env, generate_all, learn, prefer
-from tests.adversary import Tamper, adversarial_server_cls
-from tests.swarm import RunningServer
-from tests.verifier_env import RunningVerifier
 from trustswarm.client import DistributedModelForCausalLM
+from trustswarm.testing.adversary import Tamper, adversarial_server_cls
+from trustswarm.testing.local_swarm import RunningServer
+from trustswarm.testing.local_verifier import RunningVerifier
 
 ATTACKS: list[tuple[str, Tamper]] = [
     ("output noise 1% of RMS", Tamper("noise", amount=0.01, seed=1)),

@@ -21,8 +21,6 @@ from libp2p.tools.anyio_service import background_trio_service
 from bench.adversary_env import FIRST, Env, generate_all, introduce, learn, prefer, wait_for
 from bench.adversary_output import verifier_phase
 from bench.adversary_servers import forging_server_cls
-from tests.adversary import Tamper, adversarial_server_cls
-from tests.verifier_env import RunningVerifier
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.client.reports import send_report
 from trustswarm.protocol.announcement import (
@@ -40,6 +38,8 @@ from trustswarm.reputation.records import (
     SignedReputationRecord,
     sign_record,
 )
+from trustswarm.testing.adversary import Tamper, adversarial_server_cls
+from trustswarm.testing.local_verifier import RunningVerifier
 from trustswarm.verifier.probe import probe
 from trustswarm.verifier.reports import evidence_report
 
@@ -129,7 +129,7 @@ class Attacker:
         self.stop = trio.Event()
 
         async def launch():  # noqa: ANN202
-            return await env.swarm._nursery.start(_attacker_node, self.identity, peers, self.stop)
+            return await env.swarm.start_task(_attacker_node, self.identity, peers, self.stop)
 
         self.host, self.dht, self.pubsub = env.swarm.loop.run(launch)
 

@@ -57,9 +57,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import trio  # noqa: E402
 
-from tests.swarm import LocalSwarm, RunningServer  # noqa: E402
-from tests.tiny_model import make_tiny_model_dir  # noqa: E402
-from tests.verifier_env import RunningVerifier, start_verifier, stop_verifier  # noqa: E402
 from trustswarm.client.reports import send_report  # noqa: E402
 from trustswarm.models.runner import BlockRunner  # noqa: E402
 from trustswarm.models.store import ModelDir  # noqa: E402
@@ -75,7 +72,10 @@ from trustswarm.testing.framing_client import (  # noqa: E402
     ask_session,
     span_call,
 )
+from trustswarm.testing.local_swarm import LocalSwarm, RunningServer  # noqa: E402
+from trustswarm.testing.local_verifier import RunningVerifier, start_verifier, stop_verifier  # noqa: E402
 from trustswarm.testing.splicing import accusation, splices, splicing_client  # noqa: E402
+from trustswarm.testing.tiny_model import make_tiny_model_dir  # noqa: E402
 from trustswarm.verifier.config import CheckConfig, ReportConfig, VerifierConfig  # noqa: E402
 
 FULL = (0, 6)  # the tiny model has 6 blocks

@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench import adversary_fp, adversary_protocol, adversary_report
     from bench.adversary_env import Env
     from bench.adversary_output import ATTACKS, run_attack
-    from tests.tiny_model import make_tiny_model_dir
-    from tests.verifier_env import start_verifier, stop_verifier
+    from trustswarm.testing.local_verifier import start_verifier, stop_verifier
+    from trustswarm.testing.tiny_model import make_tiny_model_dir
     from trustswarm.verifier.daemon import VerifierConfig
 
     began = time.monotonic()

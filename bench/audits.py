@@ -1,16 +1,19 @@
 """Client audits against a cheater no spot-check sees (issue 11): time to ban, wrong answers
 delivered before it, and verifier CPU spent on audits, next to the derived bound.
 
-    python bench/audits.py [--model-dir DIR] [--fractions 1.0,0.02] [--max-minutes 40]
+    python bench/audits.py [--model-dir DIR] [--cheaters stream_reuse,rare:0.02] [--max-minutes 40]
 
 Real SmolLM2 and real processes on 127.0.0.1: honest `node start` servers on blocks 0:10
-and 20:30, one `verifier start` with spot-checks effectively off (`--check-every 1e9`),
-and, per trial, a cheater on 10:20 (the demo's tampering server, fresh identity) that adds
-noise at `--amount` of each token's RMS to a fraction f of its signed answers. It is the
-only server of 10:20, so every session goes through it. One client in this process, with
-the default audit_rate and the verifier named by multiaddr, generates continuously (greedy,
+and 20:30, one `verifier start` at default settings (spot-checks on; `--no-spot-checks`
+turns them off), and, per trial, a cheater on 10:20 (fresh identity) from `--cheaters`:
+`noise:F` (the demo's server: noise at `--amount` of each token's RMS on a fraction F of
+its signed answers) or one of trustswarm.testing.recognising's cheaters, which skip a
+block only when one cheap signal says "a client, not a check" (`stream_reuse`, `gossip`,
+`connection_age`, `late_step`) or on a random share (`rare:0.02`). It is the only server
+of 10:20, so every session goes through it. One client in this process, with the default
+audit_rate and the verifier named by multiaddr, generates continuously (greedy,
 `--new-tokens` per session, no early stop) until the cheater is banned or time is up.
-Trials rotate over `--fractions` until `--max-minutes` is spent. Writes
+Trials rotate over `--cheaters` until `--max-minutes` is spent. Writes
 bench/results/audits.md and audits.json (see bench/audits_report.py for the bound).
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import tempfile
@@ -38,10 +42,12 @@ QUESTIONS = (
     "Write a short birthday message for my grandmother.",
     "What is the Pythagorean theorem?",
 )
+CHEATERS = ("stream_reuse", "gossip", "connection_age", "late_step", "rare:0.02", "noise:1")
 AUDIT_LINE = re.compile(
     r"audit from (\S+) of (\S+) (\S*) (\d+):(\d+) -> (\w+) \((\d+) steps, ([\d.]+) s, "
     r"cpu ([\d.]+) s, waited ([\d.]+) s\)"
 )
+CHECK_FRAUD_LINE = re.compile(r"FRAUD by (\S+) \(")
 
 
 @dataclass
@@ -51,6 +57,7 @@ class AuditLog:
     path: Path
     offset: int = 0
     audits: list[dict] = field(default_factory=list)
+    check_frauds: list[dict] = field(default_factory=list)  # spot-checks that proved fraud
 
     def poll(self) -> None:
         with self.path.open() as f:
@@ -59,6 +66,8 @@ class AuditLog:
         end = text.rfind("\n") + 1  # only whole lines
         self.offset += len(text[:end].encode())
         for line in text[:end].splitlines():
+            if m := CHECK_FRAUD_LINE.search(line):
+                self.check_frauds.append({"at": time.time(), "server": m[1]})
             m = AUDIT_LINE.search(line)
             if m:
                 self.audits.append(
@@ -78,7 +87,8 @@ class AuditLog:
 
 @dataclass
 class Trial:
-    fraction: float
+    kind: str  # what the cheater is: "noise:F", "rare:F" or a recognising signal
+    fraction: float  # its nominal share of cheated answers to the client (signals: 1)
     cheater: str
     began: float = 0.0
     sessions: int = 0  # through the cheater, before the ban
@@ -89,12 +99,30 @@ class Trial:
     banned_after: float | None = None  # seconds from the first session to the verifier's ban
     excluded_after: float | None = None  # ... to the client seeing the ban
     judging: float | None = None  # the proving audit's queue wait + compute
+    caught_by: str = ""  # "audit" or "spot-check": what proved the fraud first
     failed_audits: int = 0  # audits of the cheater outside tolerance, not proof
     seconds: float = 0.0  # trial length (to the ban, or censored at the time limit)
 
 
-def tampered(log: Path) -> int:
-    return log.read_text(errors="replace").count("tampered answer")
+def tampered(log: Path, client_peer: str) -> int:
+    """Tampered answers the cheater logged for the client (not for the verifier's checks)."""
+    text = log.read_text(errors="replace")
+    return sum(client_peer[-8:] in line for line in text.splitlines() if "tampered answer" in line)
+
+
+def cheater_args(kind: str) -> list[str]:
+    """`demo_cheater` flags for a `--cheaters` entry, and its nominal cheat fraction."""
+    name, _, value = kind.partition(":")
+    if name == "noise":
+        return ["--fraction", value or "1", "--boast", "1"]
+    if name == "rare":
+        return ["--recognise", "rare", "--fraction", value or "0.02"]
+    return ["--recognise", name]
+
+
+def nominal_fraction(kind: str) -> float:
+    name, _, value = kind.partition(":")
+    return float(value) if value and name in ("noise", "rare") else 1.0
 
 
 def chat_ids(tokenizer, i: int):  # noqa: ANN001, ANN201
@@ -112,6 +140,11 @@ def watch(trial: Trial, audits: AuditLog, client, stop: threading.Event) -> None
             if a["server"] == trial.cheater and a["outcome"] == "fraud" and not trial.banned_after:
                 trial.banned_after = a["at"] - trial.began
                 trial.judging = a["waited"] + a["seconds"]
+                trial.caught_by = "audit"
+        for c in audits.check_frauds:
+            if c["server"] == trial.cheater and not trial.banned_after:
+                trial.banned_after = c["at"] - trial.began
+                trial.caught_by = "spot-check"
         if trial.excluded_after is None and client.swarm.view.trust.banned(trial.cheater):
             trial.excluded_after = time.time() - trial.began
         if trial.banned_after and trial.excluded_after:
@@ -125,18 +158,18 @@ def run_trial(args, work: Path, addrs, verifier: str, audits: AuditLog, n: int, 
     from trustswarm.client import DistributedModelForCausalLM
     from trustswarm.demo import read_addr, start_process, stop_processes
 
-    fraction = args.fractions[n % len(args.fractions)]
+    kind = args.cheaters[n % len(args.cheaters)]
     log = work / f"cheater{n}.log"
     proc = start_process(
         [sys.executable, "-m", "trustswarm.demo_cheater", "--model", str(args.model_dir),
          "--blocks", "10:20", "--identity", str(work / f"cheater{n}.key"),
-         "--initial-peers", addrs[0], "--fraction", str(fraction),
-         "--amount", str(args.amount), "--boast", "1", "--threads", "1"],
+         "--initial-peers", addrs[0], "--amount", str(args.amount), "--threads", "1",
+         *cheater_args(kind)],
         log,
     )  # fmt: skip
     try:
         cheat_addr = read_addr(proc, "the cheater", log, timeout=300)
-        trial = Trial(fraction, cheat_addr.split("/p2p/")[1])
+        trial = Trial(kind, nominal_fraction(kind), cheat_addr.split("/p2p/")[1])
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
         with DistributedModelForCausalLM.from_pretrained(
             args.model_dir,
@@ -157,11 +190,12 @@ def run_trial(args, work: Path, addrs, verifier: str, audits: AuditLog, n: int, 
 def generate_until_banned(args, trial, client, tokenizer, audits, log, deadline):  # noqa: ANN001, ANN201
     stop = threading.Event()
     trial.began = time.time()
+    me = str(client.swarm.host.get_id())
     watcher = threading.Thread(target=watch, args=(trial, audits, client, stop), daemon=True)
     watcher.start()
     try:
         while time.time() < deadline and trial.excluded_after is None:
-            before = tampered(log)
+            before = tampered(log, me)
             try:
                 client.generate(
                     chat_ids(tokenizer, trial.sessions), max_new_tokens=args.new_tokens,
@@ -174,7 +208,7 @@ def generate_until_banned(args, trial, client, tokenizer, audits, log, deadline)
                 print(f"  generate failed: {type(exc).__name__}: {exc}", flush=True)
                 time.sleep(5)
                 continue
-            wrong = tampered(log) - before
+            wrong = tampered(log, me) - before
             trial.requests += 1
             if trial.banned_after is None:  # delivered before the verifier banned it
                 trial.sessions += 1
@@ -200,8 +234,6 @@ def quiet_libp2p() -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    import os
-
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -220,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
-    parser.add_argument("--fractions", type=lambda t: [float(x) for x in t.split(",")],
-                        default=[1.0, 0.02])  # fmt: skip
+    parser.add_argument("--cheaters", type=lambda t: t.split(","), default=list(CHEATERS))
+    parser.add_argument("--no-spot-checks", action="store_true", help="audits alone")
     parser.add_argument("--amount", type=float, default=0.05, help="noise, share of the RMS")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--max-minutes", type=float, default=40.0)
@@ -250,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "trustswarm", "verifier", "start", "--model",
              str(args.model_dir), "--identity", str(work / "verifier.key"),
              "--db", f"sqlite:///{work / 'verifier.db'}", "--initial-peers", addrs[0],
-             "--listen", "/ip4/127.0.0.1/tcp/0", "--check-every", "1e9",
-             "--threads", "1", "--log-level", "INFO"],
+             "--listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1", "--log-level", "INFO",
+             *(["--check-every", "1e9"] if args.no_spot_checks else [])],
             vlog,
         )  # fmt: skip
         procs.append(verifier_proc)
@@ -261,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         audits = AuditLog(vlog)
         n = 0
         while time.time() < deadline - 60:
-            print(f"trial {n}: fraction {args.fractions[n % len(args.fractions)]}", flush=True)
+            print(f"trial {n}: cheater {args.cheaters[n % len(args.cheaters)]}", flush=True)
             trials.append(run_trial(args, work, addrs, verifier, audits, n, deadline))
             n += 1
         time.sleep(5)  # audits still in the verifier's queue
@@ -275,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": args.new_tokens,
         "amount": args.amount,
         "max_minutes": args.max_minutes,
+        "spot_checks": not args.no_spot_checks,
         "verifier_cpu_seconds": verifier_cpu,
         "wall_seconds": time.time() - began,
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
     write_report(args.out, setup, [asdict(t) for t in trials], audits.audits)
     return 0

@@ -26,9 +26,17 @@ def session_fraction(answer_fraction: float, steps: int) -> float:
     return 1.0 - (1.0 - answer_fraction) ** steps
 
 
+def cheated_share(trial: dict, steps: int) -> float:
+    """f: the share of the client's sessions the cheater tampered with. Measured where the
+    trial saw sessions (a recognising cheater's signal decides it), else from the nominal
+    share of answers."""
+    if trial["sessions"]:
+        return trial["wrong_sessions"] / trial["sessions"]
+    return session_fraction(trial["fraction"], steps)
+
+
 def bounds(trial: dict, r: float, steps: int, judging: float) -> dict:
-    f_answer = trial["fraction"]
-    f = session_fraction(f_answer, steps)
+    f = cheated_share(trial, steps)
     rate = trial["sessions"] / trial["seconds"] if trial["seconds"] else 0.0
     wrong = 1.0 / r + rate * f * judging
     return {
@@ -36,7 +44,11 @@ def bounds(trial: dict, r: float, steps: int, judging: float) -> dict:
         "lambda": rate,
         "time_bound": (1.0 / (r * f * rate) + judging) if rate and f else float("inf"),
         "wrong_sessions_bound": wrong,
-        "wrong_answers_bound": wrong * (f_answer * steps / f) if f else 0.0,
+        "wrong_answers_bound": (
+            wrong * trial["wrong_answers"] / trial["wrong_sessions"]
+            if trial["wrong_sessions"]
+            else 0.0
+        ),
     }
 
 
@@ -54,27 +66,28 @@ def trial_rows(trials: list[dict], setup: dict) -> tuple[list[str], dict]:
     for i, t in enumerate(trials):
         b = bounds(t, r, steps, t["judging"] if t["judging"] is not None else typical)
         banned = t["banned_after"] is not None
-        by_f.setdefault(t["fraction"], []).append((t, b))
+        by_f.setdefault(t.get("kind", f"noise:{t['fraction']:g}"), []).append((t, b))
         rows.append(
-            f"| {i} | {t['fraction']:g} | {b['f_sessions']:.2f} | {b['lambda']:.3f} | "
+            f"| {i} | {t.get('kind', t['fraction'])} | {b['f_sessions']:.2f} | {b['lambda']:.3f} | "
             f"{_fmt(t['banned_after']) if banned else '> ' + _fmt(t['seconds'])} | "
             f"{_fmt(b['time_bound'])} | {t['wrong_sessions']} | {b['wrong_sessions_bound']:.0f} | "
             f"{t['wrong_answers']} | {b['wrong_answers_bound']:.0f} | {t['sessions']} | "
-            f"{_fmt(t['excluded_after'], 1)} | {_fmt(t['judging'], 1)} | {t['failed_audits']} |"
+            f"{_fmt(t['excluded_after'], 1)} | {_fmt(t['judging'], 1)} | {t['failed_audits']} | "
+            f"{t.get('caught_by') or '–'} |"
         )
     return rows, by_f
 
 
 def summary_rows(by_f: dict) -> list[str]:
     rows = []
-    for f, items in sorted(by_f.items(), reverse=True):
+    for kind, items in by_f.items():
         banned = [(t, b) for t, b in items if t["banned_after"] is not None]
         if not banned:
-            rows.append(f"| {f:g} | {len(items)} | 0 | – | – | – | – |")
+            rows.append(f"| {kind} | {len(items)} | 0 | – | – | – | – |")
             continue
         mean = statistics.mean
         rows.append(
-            f"| {f:g} | {len(items)} | {len(banned)} | "
+            f"| {kind} | {len(items)} | {len(banned)} | "
             f"{mean(t['banned_after'] for t, _ in banned):.0f} | "
             f"{mean(b['time_bound'] for _, b in banned):.0f} | "
             f"{mean(t['wrong_sessions'] for t, _ in banned):.1f} | "
@@ -113,28 +126,33 @@ def write_report(out: Path, setup: dict, trials: list[dict], audits: list[dict])
         "# Client audits: a cheater no spot-check sees (bench/audits.py)",
         "",
         f"Real SmolLM2-135M, real processes on loopback (2-core VM, shared): honest 0:10 and "
-        f"20:30, a cheater on 10:20 (noise at {setup['amount']:.0%} of each token's RMS on a "
-        f"fraction f of its signed answers; the only 10:20 server), one verifier with "
-        f"spot-checks off, one client generating {setup['new_tokens']}-token greedy sessions "
+        "20:30, a cheater on 10:20 (the only 10:20 server; a fresh identity per trial): one of "
+        "trustswarm.testing.recognising's cheaters, which skip a block only when one signal "
+        "says the asker is a client (stream reuse, gossip subscription, connection age > 20 s, "
+        "inference step >= 7) or on 2 % of answers (rare), or the demo's noise cheater "
+        f"(noise at {setup['amount']:.0%} of each token's RMS); one verifier "
+        f"({'default settings, spot-checks on' if setup.get('spot_checks') else 'spot-checks off'}), "
+        f"one client generating {setup['new_tokens']}-token greedy sessions "
         f"back to back at audit_rate r = {r}. Bound (SECURITY.md): time to ban "
         f"≈ 1/(r·f·λ) + T_j, wrong exchanges before it ≈ 1/r + λ·f·T_j = {1 / r:.0f} + …, "
         "with f the share of sessions holding a tampered answer and λ sessions/s.",
         "",
         f"Run: `{setup.get('command', 'python bench/audits.py')}` "
-        f"({setup['wall_seconds'] / 60:.0f} min).",
+        f"({setup['wall_seconds'] / 60:.0f} min; load average {setup.get('load', '?')} at the end, "
+        "nothing else running).",
         "",
-        "## Per f (means over the trials that ended in a ban)",
+        "## Per cheater (means over the trials that ended in a ban)",
         "",
-        "| f (answers) | trials | banned | time to ban (s) | bound (s) | wrong sessions | bound |",
+        "| cheater | trials | banned | time to ban (s) | bound (s) | wrong sessions | bound |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         *summary_rows(by_f),
         "",
         "## Trials",
         "",
-        "| # | f answers | f sessions | λ (sessions/s) | time to ban (s) | bound (s) | "
+        "| # | cheater | f sessions | λ (sessions/s) | time to ban (s) | bound (s) | "
         "wrong sessions | bound | wrong answers | bound | sessions | client excluded (s) | "
-        "T_j (s) | failed audits |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "T_j (s) | failed audits | caught by |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
         "## Audits and their cost",

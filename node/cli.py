@@ -210,7 +210,7 @@ def run_start(args: argparse.Namespace) -> int:
         announce_addrs=announce,
     )
     listen = args.listen or ["/ip4/0.0.0.0/tcp/31330"]
-    return run_daemon(_serve_until_signal, server, listen, initial)
+    return run_daemon(serve_block_server, server, listen, initial)
 
 
 def run_daemon(main: Callable[..., Awaitable[None]], *args: object) -> int:
@@ -248,7 +248,9 @@ async def serve_until_signal(
             started()
 
 
-async def _serve_until_signal(server: BlockServer, listen: list[str], initial: list[str]) -> None:
+async def serve_block_server(server: BlockServer, listen: list[str], initial: list[str]) -> None:
+    """Serve `server` until SIGINT/SIGTERM, logging what it serves once it listens."""
+
     def started() -> None:
         runner = server.runner
         log.info(

@@ -14,7 +14,8 @@ measured against spot-checks made from a fresh identity per check:
 * `gossip_cheater`: the peer is subscribed to the model's reputation gossip topic;
 * `connection_age_cheater`: the peer's connection is older than `threshold` seconds;
 * `late_step_cheater`: the inference step number is >= `first_step` (0 is the prefill);
-* `rare_cheater`: a random `fraction` (2 %) of answers, whoever asks.
+* `rare_cheater`: a random `fraction` (2 %) of answers, whoever asks;
+* `targeting_cheater`: only for given peer ids (a victim): no check can ever see it.
 
 Skipping the last block is honest when a request's span stops before that block (a
 sub-span); the count `tampered` is of answers computed with the tampered copy.
@@ -26,7 +27,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from weakref import WeakKeyDictionary
@@ -135,7 +136,10 @@ class RecognisingContext(ServingContext):
             fn = getattr(self.skipping, name)
             self.tampered += 1
             self.fired_for[asker.peer] += 1
-            log.warning("skipped a block for %s (%s step %d)", asker.peer[-8:], kind, step)
+            log.warning(
+                "tampered answer #%d: skipped a block for %s (%s step %d)",
+                self.tampered, asker.peer[-8:], kind, step,
+            )  # fmt: skip
         return await super().run(fn, *args)
 
 
@@ -150,8 +154,9 @@ def _counting(name: str, body: Handler) -> Handler:
     return handler
 
 
-def recognising_server_cls(signal: Signal, name: str) -> type[BlockServer]:
-    """A BlockServer that signs a skipped-block answer whenever `signal` fires."""
+def recognising_server_cls(signal: Signal, name: str, boast: float = 1.0) -> type[BlockServer]:
+    """A BlockServer that signs a skipped-block answer whenever `signal` fires; it
+    announces `boast` times its measured throughput, to attract routes."""
 
     class RecognisingServer(BlockServer):
         def _load_runner(self, span: tuple[int, int]) -> BlockRunner:
@@ -163,6 +168,7 @@ def recognising_server_cls(signal: Signal, name: str) -> type[BlockServer]:
             return [(p, n, _counting(n, body)) for p, n, body in super()._stream_handlers()]
 
         def _make_context(self) -> ServingContext:
+            self.throughput *= boast
             clock = ConnectionClock()
             self.host.get_network().register_notifee(clock)
             topic, pubsub = REPUTATION_TOPIC(self.model_id), self.pubsub
@@ -211,6 +217,14 @@ def rare_cheater(fraction: float = 0.02, seed: int = 0) -> type[BlockServer]:
     return recognising_server_cls(lambda a: rng.random() < fraction, "rare")
 
 
+def targeting_cheater(victims: Iterable[str], boast: float = 1.0) -> type[BlockServer]:
+    """Cheats only for the peer ids in `victims` (one user it wants to mislead): no check,
+    which always comes from another identity, can ever see it cheat; only the victims'
+    own audits can."""
+    targets = frozenset(victims)
+    return recognising_server_cls(lambda a: a.peer in targets, "targeting", boast=boast)
+
+
 RECOGNISING: dict[str, Callable[[], type[BlockServer]]] = {
     "stream_reuse": stream_reuse_cheater,
     "gossip": gossip_cheater,
@@ -228,6 +242,7 @@ __all__ = [
     "gossip_cheater",
     "late_step_cheater",
     "rare_cheater",
+    "targeting_cheater",
     "recognising_server_cls",
     "stream_reuse_cheater",
 ]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_model import make_tiny_model_dir
 from trustswarm.models.importer import import_model
+from trustswarm.testing.tiny_model import make_tiny_model_dir
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.swarm import LocalSwarm
 from tests.verifier_env import one_torch_thread, start_verifier, stop_verifier  # noqa: F401
 from trustswarm.client.reports import VERDICTS
 from trustswarm.client.rpc import checked_statement, close_quietly, open_stream
@@ -37,6 +36,7 @@ from trustswarm.testing.framing_client import (
     ask_session,
     span_call,
 )
+from trustswarm.testing.local_swarm import LocalSwarm
 from trustswarm.testing.steering import (
     announced_tolerance,
     comparator_accept,

@@ -16,7 +16,6 @@ import torch
 import trio
 
 from tests.adversary import Tamper, adversarial_server_cls
-from tests.swarm import LocalSwarm
 from tests.verifier_env import (  # noqa: F401 - fixture
     RunningVerifier,
     one_torch_thread,
@@ -29,6 +28,7 @@ from trustswarm.client.audits import audit_payload, send_audit
 from trustswarm.protocol.evidence import DisagreementReport, Evidence
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.transport import make_host, running_host
+from trustswarm.testing.local_swarm import LocalSwarm
 from trustswarm.verifier.audits import FRAUD, INCONCLUSIVE, PASS, AuditResult
 from trustswarm.verifier.config import AuditConfig, CheckConfig, VerifierConfig
 
@@ -162,7 +162,7 @@ def test_an_audit_never_blocks_the_client(tiny_model_dir, tmp_path):
                 while True:
                     held.append(await listeners[0].accept())  # and never say a word
 
-        port = swarm.loop.run(lambda: swarm._nursery.start(blackhole))
+        port = swarm.loop.run(lambda: swarm.start_task(blackhole))
         silent = f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.generate().peer_id}"
         with auditing_client(tiny_model_dir, swarm, silent) as client:
             auditor = client.swarm.auditor

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.swarm import LocalSwarm
 from tests.verifier_env import one_torch_thread, start_verifier, stop_verifier, wait_until  # noqa: F401 - fixture
 from trustswarm.node.config import ServerConfig
+from trustswarm.testing.local_swarm import LocalSwarm
 from trustswarm.testing.recognising import (
     Asker,
     connection_age_cheater,
@@ -60,7 +60,9 @@ def swarm(tiny_model_dir: Path):
         swarm.start_server((3, 6)),
         swarm.start_server((1, 5), dtype=torch.bfloat16),
     ]
-    swarm.cheaters = {name: swarm.start_server((0, 6), server_cls=make()) for name, make in CHEATERS.items()}
+    swarm.cheaters = {
+        name: swarm.start_server((0, 6), server_cls=make()) for name, make in CHEATERS.items()
+    }
     swarm.rare = swarm.start_server((0, 6), server_cls=rare_cheater(0.02, seed=3))
     swarm.watcher = swarm.start_server((0, 6), server_cls=recognising_server_cls(_watch, "watch"))
     swarm.busy = swarm.start_server((0, 6), config=ServerConfig(max_sessions=0))

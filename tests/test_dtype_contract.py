@@ -14,7 +14,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.swarm import LocalSwarm
 from tests.verifier_env import one_torch_thread, start_verifier, stop_verifier, wait_until  # noqa: F401 - fixture
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.client.rpc import SpanCall, checked_answer
@@ -26,6 +25,7 @@ from trustswarm.protocol.errors import ProtocolError, SignatureError, SwarmError
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.statement import DTYPES, Statement, sign_statement
 from trustswarm.testing.adversary import dtype_liar_server_cls
+from trustswarm.testing.local_swarm import LocalSwarm
 from trustswarm.verifier.daemon import VerifierConfig
 from trustswarm.verifier.spotcheck import FAIL, FRAUD, PASS, CheckConfig
 

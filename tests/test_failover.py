@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.swarm import LocalSwarm, raw_exchange
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.node.config import ServerConfig
 from trustswarm.protocol import protocols
 from trustswarm.protocol.codec import Message
+from trustswarm.testing.local_swarm import LocalSwarm, raw_exchange
 
 pytestmark = pytest.mark.timeout(240)
 

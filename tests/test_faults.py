@@ -30,7 +30,6 @@ from libp2p.custom_types import TProtocol
 from transformers import AutoModelForCausalLM
 
 from tests.adversary import Tamper, adversarial_server_cls
-from tests.swarm import LocalSwarm, RunningServer
 from tests.verifier_env import start_verifier, stop_verifier, wait_until
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.node.config import ServerConfig
@@ -39,6 +38,7 @@ from trustswarm.protocol.codec import Message, decode_message, encode_message
 from trustswarm.protocol.framing import read_frame, write_frame
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.transport import make_host, parse_peer_addr, running_host
+from trustswarm.testing.local_swarm import LocalSwarm, RunningServer
 from trustswarm.verifier.config import AuditConfig
 from trustswarm.verifier.daemon import VerifierConfig
 from trustswarm.verifier.reports import ReportConfig
@@ -164,7 +164,7 @@ class BarePeer:
                 await self.stop.wait()
 
         async def launch():  # noqa: ANN202
-            return await swarm._nursery.start(run)
+            return await swarm.start_task(run)
 
         self.host = swarm.loop.run(launch)
 

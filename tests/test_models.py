@@ -15,13 +15,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.tiny_model import make_tiny_hf_dir
 from trustswarm.models import cli
 from trustswarm.models.errors import ModelDirError
 from trustswarm.models.importer import import_model
 from trustswarm.models.manifest import Manifest
 from trustswarm.models.runner import BlockRunner
 from trustswarm.models.store import ModelDir
+from trustswarm.testing.tiny_model import make_tiny_hf_dir
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from tests.swarm import LocalSwarm
 from trustswarm.client import DistributedModelForCausalLM
+from trustswarm.testing.local_swarm import LocalSwarm
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(300)]
 

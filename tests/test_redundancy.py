@@ -9,13 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.adversary import Tamper, adversarial_server_cls
-from tests.swarm import LocalSwarm
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.client.agreement import DisagreementError
 from trustswarm.models.runner import BlockRunner
 from trustswarm.models.store import ModelDir
 from trustswarm.protocol.comparator import compare
 from trustswarm.protocol.evidence import DisagreementReport
+from trustswarm.testing.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -19,7 +19,6 @@ import trio
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.tools.anyio_service import background_trio_service
 
-from tests.swarm import LocalSwarm
 from trustswarm.cli import main
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.protocol.announcement import AnnouncementValidator
@@ -34,6 +33,7 @@ from trustswarm.reputation.records import (
     ReputationValidator,
 )
 from trustswarm.reputation.store import ReputationStore
+from trustswarm.testing.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -48,7 +48,7 @@ class Publisher:
         self.publisher: RecordPublisher | None = None
 
         async def launch() -> None:
-            await swarm._nursery.start(self._run)
+            await swarm.start_task(self._run)
 
         swarm.loop.run(launch)
 

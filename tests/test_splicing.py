@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.swarm import LocalSwarm, raw_exchange
 from tests.verifier_env import one_torch_thread, start_verifier, stop_verifier, wait_until  # noqa: F401 - fixture
 from trustswarm.protocol import protocols
 from trustswarm.protocol.codec import Message
 from trustswarm.protocol.evidence import Evidence, EvidenceError
+from trustswarm.testing.local_swarm import LocalSwarm, raw_exchange
 from trustswarm.testing.splicing import (
     CLIENT_PART,
     repeating_nonce_server_cls,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.swarm import LocalSwarm
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.node.config import ServerConfig
+from trustswarm.testing.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.timeout(120)
 IDS = torch.tensor([[5, 6, 7, 8]])

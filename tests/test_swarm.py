@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.swarm import LocalSwarm, raw_exchange
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.protocol import protocols
+from trustswarm.testing.local_swarm import LocalSwarm, raw_exchange
 
 pytestmark = pytest.mark.timeout(240)
 

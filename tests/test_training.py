@@ -19,7 +19,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.swarm import LocalSwarm, raw_exchange
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.client.model import default_positions
 from trustswarm.client.ptune import TuningConfigError
@@ -27,6 +26,7 @@ from trustswarm.node.config import ServerConfig
 from trustswarm.protocol import protocols
 from trustswarm.protocol.codec import Message, encode_message
 from trustswarm.protocol.limits import Limits
+from trustswarm.testing.local_swarm import LocalSwarm, raw_exchange
 
 pytestmark = pytest.mark.timeout(180)
 PRE_SEQ_LEN = 4

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.adversary import Tamper, adversarial_server_cls
-from tests.swarm import LocalSwarm
 from tests.verifier_env import one_torch_thread, start_verifier, stop_verifier, wait_until  # noqa: F401 - fixture
 from trustswarm.node.config import ServerConfig
 from trustswarm.protocol.evidence import DisagreementReport
+from trustswarm.testing.local_swarm import LocalSwarm
 from trustswarm.verifier.challenges import ChallengeFactory
 from trustswarm.verifier.daemon import VerifierConfig
 from trustswarm.verifier.spotcheck import FRAUD, PASS, REFUSED, CheckConfig

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import launch, stop
-from tests.swarm import LocalSwarm
 from trustswarm.cli import main
 from trustswarm.protocol.identity import Identity
 from trustswarm.reputation.store import ReputationStore
+from trustswarm.testing.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.timeout(120)
 

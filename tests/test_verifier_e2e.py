@@ -17,10 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.adversary import Tamper, adversarial_server_cls
-from tests.swarm import LocalSwarm
 from tests.verifier_env import one_torch_thread, start_verifier, stop_verifier, wait_until  # noqa: F401 - fixture
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.protocol.identity import Identity
+from trustswarm.testing.local_swarm import LocalSwarm
 from trustswarm.verifier.daemon import VerifierConfig
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.usefixtures("one_torch_thread")]

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.adversary import Tamper, adversarial_server_cls
-from tests.swarm import LocalSwarm
 from tests.verifier_env import one_torch_thread, start_verifier, stop_verifier, wait_until  # noqa: F401 - fixture
 from trustswarm.client.reports import ReportVerdict, send_report
 from trustswarm.protocol.codec import Message, decode_message, encode_message
@@ -26,6 +25,7 @@ from trustswarm.protocol.evidence import (
 )
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.transport import make_host, parse_peer_addr, running_host
+from trustswarm.testing.local_swarm import LocalSwarm
 from trustswarm.verifier.daemon import VerifierConfig
 from trustswarm.verifier.probe import probe
 from trustswarm.verifier.reports import BadReport, ReportConfig, evidence_report, parse_report

@@ -10,7 +10,6 @@ import trio
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.tools.anyio_service import background_trio_service
 
-from tests.swarm import LocalSwarm
 from tests.verifier_env import one_torch_thread, start_verifier, stop_verifier, wait_until  # noqa: F401 - fixture
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.transport import (
@@ -26,6 +25,7 @@ from trustswarm.reputation.records import (
     SignedReputationRecord,
     record_key,
 )
+from trustswarm.testing.local_swarm import LocalSwarm
 from trustswarm.verifier.daemon import VerifierConfig
 from trustswarm.verifier.spotcheck import CheckConfig
 
@@ -49,7 +49,7 @@ def collect_gossip(swarm: LocalSwarm, received: list[SignedReputationRecord]) ->
                         pubsub, swarm.model_dir.manifest.model_id, received.append, task_status
                     )
 
-        await swarm._nursery.start(run)
+        await swarm.start_task(run)
         return scope
 
     return swarm.loop.run(launch)

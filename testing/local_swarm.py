@@ -1,7 +1,9 @@
-"""A real swarm on loopback for integration tests: block servers in a background loop."""
+"""Testing only: a real swarm on loopback, block servers in one background loop (for
+integration tests and the in-process benchmarks)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +91,12 @@ class LocalSwarm:
         running = self.loop.run(launch)
         self.servers.append(running)
         return running
+
+    async def start_task(self, run: Callable[..., Awaitable[object]], *args: object) -> object:
+        """`nursery.start(run, *args)` in the swarm's loop (from inside `self.loop.run`)."""
+        if self._nursery is None:
+            raise RuntimeError("the swarm's loop is not running")
+        return await self._nursery.start(run, *args)
 
     @property
     def initial_peers(self) -> list[str]:
