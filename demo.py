@@ -103,14 +103,15 @@ def main() -> int:
             procs.append(proc)
             addrs.append(addr)
             print(f"server {i}: blocks {blocks:>5}  {addr}", flush=True)
-        # Part 2's and part 3's cheaters load while part 1's client talks to the honest swarm.
+        # Part 2's cheating server loads while part 1's client talks to the honest swarm.
         cheater = start_cheater(args.model_dir, work, addrs[0])
-        victim = Identity.generate()
-        targeting = start_targeting_cheater(args.model_dir, work, addrs[0], victim)
-        procs += [cheater, targeting]
+        procs.append(cheater)
         honest = run_client(args.model_dir, addrs, args.prompt, args.max_new_tokens)
         verifier_addr = tell_trust_story(args, work, addrs, cheater, procs, honest)
         if verifier_addr:
+            victim = Identity.generate()
+            targeting = start_targeting_cheater(args.model_dir, work, addrs[0], victim)
+            procs.append(targeting)
             tell_audit_story(args, work, addrs, targeting, victim, verifier_addr)
     finally:
         stop_processes(procs)
@@ -352,8 +353,9 @@ def tell_audit_story(
             f"spot-checks of cheater 2 so far: {len(checks)}, all passed: {all(c == 'pass' for c in checks)}"
         )
         for line in verifier_log.read_text().splitlines():
-            if "audit from" in line and cheat_id in line:
-                print(f"  verifier: {line.split('audit from', 1)[1][:150]}")
+            if "audit from" in line and f" of {cheat_id} " in line and " -> " in line:
+                outcome = line.split(" -> ", 1)[1]
+                print(f"  verifier: audit of cheater 2 -> {outcome[:160]}")
         if client.swarm.view.trust.banned(cheat_id):
             print(
                 f"client: cheater 2 banned after {n} generations, caught by the client's own audit"
