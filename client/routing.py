@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
-from trustswarm.protocol.announcement import Announcement
+from trustswarm.protocol.announcement import MAX_THROUGHPUT, Announcement
 from trustswarm.protocol.errors import SwarmError
 
 DEFAULT_RTT = 0.05  # seconds, for servers we have not measured yet
@@ -86,12 +87,19 @@ def throughput_route(
             raise SwarmError(
                 f"no available servers cover blocks {start}:{end}: {missing(servers, start, end)}"
             )
-        shares = [max(s.throughput, 1e-3) * factors.get(s.peer_id, 1.0) for s in candidates]
-        ann = rng.choices(candidates, weights=[max(w, 1e-9) for w in shares])[0]
+        shares = [pick_weight(s.throughput, factors.get(s.peer_id, 1.0)) for s in candidates]
+        ann = rng.choices(candidates, weights=shares)[0]
         b = min(ann.end, end)
         hops.append(Hop(ann, a, b))
         a = b
     return hops
+
+
+def pick_weight(throughput: float, factor: float) -> float:
+    """A server's share of random picks: its throughput (at most MAX_THROUGHPUT) times its
+    factor; never NaN, infinite or zero, so the total is always a valid weight sum."""
+    share = min(max(throughput, 1e-3), MAX_THROUGHPUT) * factor
+    return share if math.isfinite(share) and share > 1e-9 else 1e-9
 
 
 def missing(servers: list[Announcement], start: int, end: int) -> str:

@@ -110,9 +110,13 @@ class SwarmView:
         except Exception:
             return False
         ann = signed.announcement
-        if ann.model_id != self.model_id or ann.weights_digest != self.span_digest(
-            ann.start, ann.end
-        ):
+        if ann.model_id != self.model_id:
+            return False
+        try:  # a span outside our model (e.g. 0:40 of 30 blocks) is simply not ours
+            digest = self.span_digest(ann.start, ann.end)
+        except Exception:
+            return False
+        if ann.weights_digest != digest:
             return False
         if ann.dtype not in DTYPES:  # it could not sign a valid answer
             return False
@@ -304,7 +308,7 @@ class SwarmClient:
             str(i.peer_id): list(i.addrs) for i in self.initial_peers
         }
         for ann in self.view.servers.values():
-            candidates.setdefault(ann.peer_id, [multiaddr.Multiaddr(a) for a in ann.addrs])
+            candidates.setdefault(ann.peer_id, parse_addrs(ann.addrs))
         if self.dht is not None and self.dht_lookups:
             with trio.move_on_after(self.connect_timeout):
                 try:
@@ -320,8 +324,7 @@ class SwarmClient:
         fresh = {p: a for p, a in self.view.servers.items() if p not in candidates}
         async with trio.open_nursery() as nursery:
             for peer, ann in fresh.items():
-                addrs = [multiaddr.Multiaddr(a) for a in ann.addrs]
-                nursery.start_soon(self._ask, peer, addrs, unreachable)
+                nursery.start_soon(self._ask, peer, parse_addrs(ann.addrs), unreachable)
         # Other servers' stores still hold the announcements of servers that just
         # died; what we could not reach ourselves stays out until it answers again.
         for peer in unreachable:
@@ -358,8 +361,20 @@ class SwarmClient:
             return
         with trio.fail_after(self.connect_timeout):
             await self.host.connect(
-                PeerInfo(peer_id, [_strip_p2p(multiaddr.Multiaddr(a)) for a in ann.addrs])
+                PeerInfo(peer_id, [_strip_p2p(a) for a in parse_addrs(ann.addrs)])
             )
+
+
+def parse_addrs(addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:
+    """The parsable ones of announced addresses (announcements are validated on
+    decoding; this keeps one odd address from failing a whole refresh regardless)."""
+    parsed = []
+    for addr in addrs:
+        try:
+            parsed.append(multiaddr.Multiaddr(addr))
+        except Exception:
+            log.debug("ignoring unparsable address %r", addr[:80])
+    return parsed
 
 
 def _strip_p2p(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:

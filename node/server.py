@@ -19,6 +19,7 @@ from trustswarm.models.runner import BlockRunner
 from trustswarm.models.store import ModelDir
 from trustswarm.protocol import protocols
 from trustswarm.protocol.announcement import (
+    MAX_THROUGHPUT,
     Announcement,
     AnnouncementValidator,
     SignedAnnouncement,
@@ -49,7 +50,7 @@ from .handlers import (
     handle_inference,
     handle_info,
 )
-from .peers import known_announcements
+from .peers import known_announcements, sample_to_fit
 from .selection import coverage, worst_covered_span
 
 log = logging.getLogger("trustswarm.node")
@@ -83,7 +84,7 @@ class BlockServer:
         known = known_announcements(self.dht, self.model_id) if self.dht else []
         return {
             "announcement": self.announcement.to_bytes().decode() if self.announcement else "",
-            "known": [a.to_bytes().decode() for a in known[:256]],
+            "known": sample_to_fit(known),
             "active_sessions": self.ctx.active_sessions if self.ctx else 0,
             "max_sessions": self.config.max_sessions,
         }
@@ -105,7 +106,7 @@ class BlockServer:
                 end=self.runner.end,
                 weights_digest=self.runner.weights_digest,
                 dtype=str(self.runner.dtype).removeprefix("torch."),
-                throughput=float(self.throughput),
+                throughput=min(float(self.throughput), MAX_THROUGHPUT),
                 addrs=addrs,
                 issued_at=now,
                 expires_at=now + self.config.announce_ttl,

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import time
 from dataclasses import asdict, dataclass
 
 from libp2p.records.validator import Validator
+from multiaddr import Multiaddr
 
 from .errors import ProtocolError, SignatureError
 from .identity import Identity, parse_peer_id, verify_peer_signature
@@ -20,6 +23,17 @@ from .protocols import DHT_NAMESPACE
 
 _DOMAIN = b"trustswarm-announcement-v1\n"
 MAX_RECORD_BYTES = 8192
+# Bounds on every field of a record anyone can sign with a fresh identity: whatever
+# passes here is safe to sum, sort, dial and keep (NaN, Infinity, 1e308 or an
+# unparsable address in one record must not break a client's routing or refresh).
+ANNOUNCED_DTYPES = frozenset({"float32", "bfloat16", "float16"})
+MAX_BLOCKS = 4096
+MAX_THROUGHPUT = 1e9  # tokens/s: far above any real span; 1,000 of them still sum finitely
+MAX_LIFETIME = 3600.0  # seconds from issued_at to expires_at (servers use 120 s)
+MAX_ADDRS = 16
+MAX_ADDR_CHARS = 512
+MAX_ID_CHARS = 256
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,50 @@ class Announcement:
         return not (time.time() if now is None else now) < self.expires_at  # NaN: expired
 
 
+def _check_text(name: str, value: object) -> None:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+        raise ValueError(f"{name} must be a string of 1-{MAX_ID_CHARS} characters")
+
+
+def _check_number(name: str, value: object, low: float, high: float) -> None:
+    if type(value) not in (int, float) or not math.isfinite(value) or not low < value <= high:
+        raise ValueError(f"{name} must be a finite number in ({low:g}, {high:g}], got {value!r}")
+
+
+def _check_addrs(addrs: object) -> None:
+    if not isinstance(addrs, tuple) or len(addrs) > MAX_ADDRS:
+        raise ValueError(f"addrs must hold at most {MAX_ADDRS} multiaddrs")
+    for addr in addrs:
+        if not isinstance(addr, str) or len(addr) > MAX_ADDR_CHARS:
+            raise ValueError(f"each address must be a string of at most {MAX_ADDR_CHARS} chars")
+        try:
+            Multiaddr(addr)
+        except Exception:
+            raise ValueError(f"unparsable address {addr[:80]!r}") from None
+
+
+def check_announcement(ann: Announcement) -> None:
+    """Every field within bounds (raises ValueError): finite numbers, a span of at most
+    MAX_BLOCKS, a known dtype, a bounded lifetime, parsable addresses."""
+    for name in ("peer_id", "model_id"):
+        _check_text(name, getattr(ann, name))
+    if not isinstance(ann.weights_digest, str) or not _HEX_DIGEST.fullmatch(ann.weights_digest):
+        raise ValueError("weights_digest must be 64 lowercase hex characters")
+    if ann.dtype not in ANNOUNCED_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(ANNOUNCED_DTYPES)}")
+    if type(ann.start) is not int or type(ann.end) is not int:
+        raise ValueError("start and end must be integers")
+    if not 0 <= ann.start < ann.end <= MAX_BLOCKS:
+        raise ValueError(f"span {ann.start}:{ann.end} is not within 0:{MAX_BLOCKS}")
+    _check_number("throughput", ann.throughput, 0.0, MAX_THROUGHPUT)
+    _check_number("issued_at", ann.issued_at, 0.0, 1e11)
+    if type(ann.expires_at) not in (int, float) or not math.isfinite(ann.expires_at):
+        raise ValueError("expires_at must be a finite number")
+    if not 0 < ann.expires_at - ann.issued_at <= MAX_LIFETIME:
+        raise ValueError(f"lifetime must lie in (0, {MAX_LIFETIME:g}] s")
+    _check_addrs(ann.addrs)
+
+
 @dataclass(frozen=True)
 class SignedAnnouncement:
     announcement: Announcement
@@ -62,23 +120,15 @@ class SignedAnnouncement:
             raise ProtocolError("announcement record too large")
         try:
             raw = json.loads(data)
+            if not isinstance(raw, dict) or not isinstance(raw.get("signature"), str):
+                raise ValueError("not a signed announcement")
             body, signature = raw["announcement"], bytes.fromhex(raw["signature"])
             if not isinstance(body, dict) or set(body) != set(Announcement.__dataclass_fields__):
                 raise ValueError("fields")
-            if not all(isinstance(a, str) and len(a) < 512 for a in body["addrs"]):
-                raise ValueError("addrs")
+            if not isinstance(body["addrs"], list):
+                raise ValueError("addrs must be a list")
             ann = Announcement(**{**body, "addrs": tuple(body["addrs"])})
-            for name in ("peer_id", "model_id", "weights_digest", "dtype"):
-                if not isinstance(getattr(ann, name), str):
-                    raise ValueError(name)
-            for name in ("start", "end"):
-                if type(getattr(ann, name)) is not int:
-                    raise ValueError(name)
-            for name in ("throughput", "issued_at", "expires_at"):
-                if type(getattr(ann, name)) not in (int, float):
-                    raise ValueError(name)
-            if not 0 <= ann.start < ann.end:
-                raise ValueError("span")
+            check_announcement(ann)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise ProtocolError(f"malformed announcement: {exc}") from None
         return cls(ann, signature)
@@ -97,6 +147,10 @@ class SignedAnnouncement:
 def sign_announcement(identity: Identity, announcement: Announcement) -> SignedAnnouncement:
     if announcement.peer_id != str(identity.peer_id):
         raise SignatureError("a server may only announce in its own name")
+    try:
+        check_announcement(announcement)
+    except ValueError as exc:
+        raise ProtocolError(f"cannot announce: {exc}") from None
     return SignedAnnouncement(announcement, identity.sign(announcement.canonical_bytes()))
 
 

@@ -18,7 +18,11 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
 
 from trustswarm.protocol.announcement import (
+    MAX_ADDRS,
+    MAX_BLOCKS,
+    MAX_LIFETIME,
     MAX_RECORD_BYTES,
+    MAX_THROUGHPUT,
     Announcement,
     AnnouncementValidator,
     SignedAnnouncement,
@@ -66,7 +70,8 @@ def key_of(identity: Identity, model: str = MODEL) -> str:
     return announcement_key(model, str(identity.peer_id))
 
 
-BASE = sign_announcement(A, make_announcement(A, issued_at=1e9, expires_at=4e9))
+NOW = time.time()  # records valid for the whole test run (MAX_LIFETIME bounds lifetimes)
+BASE = sign_announcement(A, make_announcement(A, issued_at=NOW, expires_at=NOW + 3000))
 BASE_BYTES = BASE.to_bytes()
 BASE_KEY = key_of(A)
 
@@ -99,8 +104,8 @@ FIELD_VALUES: dict[str, st.SearchStrategy] = {
     "dtype": st.sampled_from(["float32", "float16", "int8"]) | st.text(max_size=10),
     "throughput": st.floats(0, 1e6),
     "addrs": st.lists(st.text(max_size=40), max_size=3).map(tuple),
-    "issued_at": st.floats(0, 3e9),
-    "expires_at": st.floats(3e9, 1e12),
+    "issued_at": st.floats(0, NOW + 3000),
+    "expires_at": st.floats(NOW, 1e12),
 }
 
 
@@ -172,17 +177,74 @@ def test_stored_under_another_key() -> None:
 @pytest.mark.parametrize("expires_in", [0.0, -1.0, -1e6])
 def test_expired(expires_in: float) -> None:
     now = time.time()
-    record = signed_record(A, issued_at=now - 1e7, expires_at=now + expires_in)
+    record = signed_record(A, issued_at=now + expires_in - 60, expires_at=now + expires_in)
     with pytest.raises(SignatureError, match="expired"):
         VALIDATOR.validate(key_of(A), record)
 
 
-@pytest.mark.parametrize("expires_at", [math.nan])
-def test_non_finite_expiry_never_valid(expires_at: float) -> None:
-    """A record must not be able to escape expiry with NaN."""
-    record = signed_record(A, expires_at=expires_at)
-    with pytest.raises(SignatureError, match="expired"):
+def signed_unchecked(identity: Identity = A, **overrides: object) -> bytes:
+    """A genuinely signed record that sign_announcement would refuse to make (an
+    attacker signs whatever it likes with its own key)."""
+    ann = make_announcement(identity, **overrides)
+    return SignedAnnouncement(ann, identity.sign(ann.canonical_bytes())).to_bytes()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"expires_at": math.nan},
+        {"expires_at": math.inf},  # py-libp2p would keep it 24 h
+        {"expires_at": NOW + 1e6},  # a lifetime beyond MAX_LIFETIME
+        {"issued_at": math.nan},
+        {"throughput": math.nan},
+        {"throughput": math.inf},
+        {"throughput": 1e308},  # would take every route, and overflow sums
+        {"throughput": -1.0},
+        {"throughput": 0.0},
+        {"start": 0, "end": MAX_BLOCKS + 1},
+        {"addrs": ("not a multiaddr",)},
+        {"addrs": ("/ip4/999.0.0.1/tcp/1",)},
+        {"addrs": tuple(f"/ip4/10.0.0.{i}/tcp/1" for i in range(MAX_ADDRS + 1))},
+        {"dtype": "int8"},
+        {"weights_digest": "B" * 64},
+        {"model_id": ""},
+        {"model_id": "m" * 300},
+    ],
+)
+def test_hostile_fields_in_a_genuinely_signed_record(overrides: dict) -> None:
+    """Signed by the attacker's own key, so only the field checks can refuse it: on
+    decoding (every path), in the DHT validator, and at signing time for our servers."""
+    record = signed_unchecked(A, **overrides)
+    with pytest.raises(ProtocolError, match="malformed"):
+        SignedAnnouncement.from_bytes(record)
+    with pytest.raises(ProtocolError):
         VALIDATOR.validate(key_of(A), record)
+    with pytest.raises(ProtocolError, match="cannot announce"):
+        sign_announcement(A, make_announcement(A, **overrides))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    throughput=st.floats(allow_nan=True, allow_infinity=True),
+    issued=st.floats(allow_nan=True, allow_infinity=True),
+    lifetime=st.floats(allow_nan=True, allow_infinity=True),
+    start=st.integers(-5, MAX_BLOCKS + 5),
+    length=st.integers(-2, 50),
+)
+def test_decoded_announcements_are_always_bounded(
+    throughput: float, issued: float, lifetime: float, start: int, length: int
+) -> None:
+    record = signed_unchecked(
+        A, throughput=throughput, issued_at=issued, expires_at=issued + lifetime,
+        start=start, end=start + length,
+    )  # fmt: skip
+    try:
+        ann = SignedAnnouncement.from_bytes(record).announcement
+    except ProtocolError:
+        return
+    assert 0 < ann.throughput <= MAX_THROUGHPUT
+    assert 0 < ann.expires_at - ann.issued_at <= MAX_LIFETIME
+    assert 0 <= ann.start < ann.end <= MAX_BLOCKS
 
 
 def test_expired_with_explicit_now() -> None:
@@ -252,7 +314,7 @@ def test_malformed_record(record: bytes) -> None:
 
 
 def test_oversized_record() -> None:
-    big = signed_record(A, addrs=tuple(f"/ip4/10.0.0.{i}/tcp/{4000 + i}" for i in range(400)))
+    big = signed_unchecked(A, addrs=tuple(f"/ip4/10.0.0.{i}/tcp/{4000 + i}" for i in range(400)))
     assert len(big) > MAX_RECORD_BYTES
     with pytest.raises(ProtocolError, match="too large"):
         VALIDATOR.validate(key_of(A), big)
@@ -282,7 +344,7 @@ def _record(kind: str, issued_at: float) -> bytes:
 @settings(max_examples=60, deadline=None)
 @given(
     records=st.lists(
-        st.tuples(st.sampled_from(RECORD_KINDS), st.integers(0, 20).map(lambda i: 1e9 + i)),
+        st.tuples(st.sampled_from(RECORD_KINDS), st.integers(0, 20).map(lambda i: NOW - 100 + i)),
         min_size=1,
         max_size=6,
     )
@@ -378,3 +440,19 @@ def test_real_dht_accepts_valid_and_refuses_forged() -> None:
             await _dht_scenario()
 
     trio.run(main)
+
+
+def test_a_span_outside_the_model_is_ignored_not_fatal() -> None:
+    """A validly signed announcement of blocks 0:40 of a 30-block model made every new
+    client's from_pretrained fail; the view now just does not consider it."""
+    from trustswarm.client.swarm import SwarmView
+
+    def span_digest(start: int, end: int) -> str:
+        if not 0 <= start < end <= 30:
+            raise ValueError(f"bad span {start}:{end}")
+        return "b" * 64
+
+    view = SwarmView(model_id=MODEL, span_digest=span_digest, request_timeout=5.0)
+    assert not view.consider(sign_announcement(A, make_announcement(A, start=0, end=40)))
+    assert view.consider(sign_announcement(B, make_announcement(B, start=0, end=30)))
+    assert list(view.servers) == [str(B.peer_id)]

@@ -226,3 +226,18 @@ def test_selection_picks_the_hole() -> None:
 def test_coverage_clips_spans_past_the_model() -> None:
     cover = coverage([ann("a", 2, 50, 5.0)], 4)
     assert cover == [0.0, 0.0, 5.0, 5.0]
+
+
+@SETTINGS
+@given(
+    throughputs=st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=6),
+    factors=st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=6, max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_throughput_route_survives_hostile_numbers(throughputs, factors, seed) -> None:
+    """NaN, infinite, huge or negative throughputs and factors (an announcement built
+    in code, or a reputation factor) never make random.choices raise."""
+    servers = [ann(f"p{i}", 0, 4, t) for i, t in enumerate(throughputs)]
+    weights = {f"p{i}": f for i, f in enumerate(factors)}
+    hops = throughput_route(servers, 0, 4, random.Random(seed), weights)
+    assert hops and hops[0].start == 0 and hops[-1].end == 4
