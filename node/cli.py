@@ -118,6 +118,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-session-tokens", type=positive_int, default=ServerConfig.max_session_tokens
     )
     start.add_argument("--max-batch", type=positive_int, default=ServerConfig.max_batch)
+    start.add_argument(
+        "--max-sessions-per-peer",
+        type=positive_int,
+        default=ServerConfig.max_sessions_per_peer,
+        help="inference sessions one peer id may hold at once",
+    )
+    start.add_argument(
+        "--kv-cache-mib",
+        type=positive_int,
+        default=ServerConfig.kv_cache_bytes // 2**20,
+        help="KV-cache memory all sessions may reserve together (MiB; default 2048)",
+    )
     start.set_defaults(func=run_start)
 
 
@@ -198,6 +210,8 @@ def run_start(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         max_session_tokens=args.max_session_tokens,
         max_batch=args.max_batch,
+        max_sessions_per_peer=args.max_sessions_per_peer,
+        kv_cache_bytes=args.kv_cache_mib * 2**20,
     )
     server = BlockServer(
         identity=identity,

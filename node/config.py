@@ -10,6 +10,9 @@ from trustswarm.protocol.limits import DEFAULT_LIMITS, Limits
 @dataclass(frozen=True)
 class ServerConfig:
     max_sessions: int = 32  # concurrent inference sessions
+    max_sessions_per_peer: int = 4  # one identity cannot squat the rest
+    kv_cache_bytes: int = 2 * 1024**3  # KV caches reserved over all sessions (max_length each)
+    write_timeout: float = 30.0  # seconds to write one answer to a peer (slow readers)
     max_session_tokens: int = 2048  # max_length a session may ask for
     max_batch: int = 32
     max_tokens_per_request: int = 8192  # batch * new tokens in one forward / step
@@ -19,3 +22,11 @@ class ServerConfig:
     announce_ttl: float = 120.0
     announce_every: float = 30.0
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_sessions_per_peer", "kv_cache_bytes"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"ServerConfig.{name} must be a positive integer, got {value!r}")
+        if not self.write_timeout > 0:
+            raise ValueError("ServerConfig.write_timeout must be positive")

@@ -44,6 +44,7 @@ from trustswarm.protocol.sessions import (
 )
 from trustswarm.protocol.statement import SignedStatement, Statement, sign_statement
 
+from .admission import SessionAdmission, kv_bytes_per_token
 from .config import ServerConfig
 from .requests import attention_mask_of, hidden_states_of, positions_of, validate_span
 
@@ -59,8 +60,19 @@ class ServingContext:
     config: ServerConfig
     info: Callable[[], dict]
     compute: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
-    active_sessions: int = 0
+    admission: SessionAdmission | None = None  # from config unless given (shared by copies)
     served_requests: int = 0
+
+    def __post_init__(self) -> None:
+        if self.admission is None:
+            config = self.config
+            self.admission = SessionAdmission(
+                config.max_sessions, config.max_sessions_per_peer, config.kv_cache_bytes
+            )
+
+    @property
+    def active_sessions(self) -> int:
+        return self.admission.active if self.admission is not None else 0
 
     async def run(self, fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
         return await run_limited(self.compute, fn, *args)
@@ -108,6 +120,8 @@ def _error_code(exc: Exception) -> str:
     if isinstance(exc, LimitExceededError):
         return TOO_LARGE
     if isinstance(exc, ProtocolError | RunnerError):
+        return BAD_REQUEST
+    if isinstance(exc, trio.TooSlowError):  # a peer too slow to send or read: its doing
         return BAD_REQUEST
     return INTERNAL
 
@@ -160,10 +174,17 @@ async def _receive(
         return await receive_message(stream, ctx.config.limits)
 
 
+async def send_answer(ctx: ServingContext, stream: INetStream, message: Message) -> None:
+    """Write one answer within `write_timeout`: a peer that reads slowly (grants a few
+    bytes of window at a time) cannot hold a handler longer than that."""
+    with trio.fail_after(ctx.config.write_timeout):
+        await send_message(stream, message, ctx.config.limits)
+
+
 async def handle_info(ctx: ServingContext, stream: INetStream) -> None:
     await _receive(ctx, stream, ctx.config.request_timeout)
     info = ctx.info()
-    await send_message(stream, Message(meta={"info": json.dumps(info)}), ctx.config.limits)
+    await send_answer(ctx, stream, Message(meta={"info": json.dumps(info)}))
 
 
 async def _serve_requests(
@@ -225,7 +246,7 @@ async def _forward_one(
     mask = attention_mask_of(request, batch, tokens)
     output = await ctx.run(ctx.runner.forward, hidden, positions, mask, start, end)
     answer = ctx.signed_answer("forward", start, end, raw, output, "hidden_states", _peer(stream))
-    await send_message(stream, answer, ctx.config.limits)
+    await send_answer(ctx, stream, answer)
 
 
 async def handle_backward(ctx: ServingContext, stream: INetStream) -> None:
@@ -245,7 +266,7 @@ async def _backward_one(
     mask = attention_mask_of(request, batch, tokens)
     output = await ctx.run(ctx.runner.backward, hidden, grad, positions, mask, start, end)
     answer = ctx.signed_answer("backward", start, end, raw, output, "grad_inputs", _peer(stream))
-    await send_message(stream, answer, ctx.config.limits)
+    await send_answer(ctx, stream, answer)
 
 
 @dataclass
@@ -287,18 +308,22 @@ async def handle_inference(ctx: ServingContext, stream: INetStream) -> None:
     config = ctx.config
     opening, _ = await _receive(ctx, stream, config.request_timeout)
     session = _session_request(ctx, opening)
-    if ctx.active_sessions >= config.max_sessions:
-        await send_message(
-            stream, error_message(BUSY, "too many inference sessions"), config.limits
-        )
+    peer, admission = _peer(stream), ctx.admission
+    runner = ctx.runner
+    per_token = kv_bytes_per_token(runner.config, session.end - session.start, runner.dtype)
+    kv_bytes = session.batch * session.max_length * per_token
+    refusal = admission.refusal(peer, kv_bytes)
+    if refusal is not None:
+        log.info("inference session from %s refused: %s", peer, refusal)
+        await send_answer(ctx, stream, error_message(BUSY, refusal))
         return
-    ctx.active_sessions += 1
+    admission.admit(peer, kv_bytes)
     try:
-        session.cache = ctx.runner.new_cache(
+        session.cache = runner.new_cache(
             session.batch, session.max_length, session.start, session.end
         )
         opened = {"opened": session.chain.session_id, "nonce": session.nonce}
-        await send_message(stream, Message(meta=opened), config.limits)
+        await send_answer(ctx, stream, Message(meta=opened))
         while True:
             try:
                 request, raw = await _receive(ctx, stream, config.session_idle_timeout)
@@ -306,7 +331,7 @@ async def handle_inference(ctx: ServingContext, stream: INetStream) -> None:
                 return
             await _session_step(ctx, stream, session, request, raw)
     finally:
-        ctx.active_sessions -= 1
+        admission.release(peer, kv_bytes)
 
 
 async def _session_step(
@@ -339,6 +364,6 @@ async def _session_step(
         chain.step,
         chain.link,
     )
-    await send_message(stream, answer, ctx.config.limits)
+    await send_answer(ctx, stream, answer)
     # The next link follows what was signed (a subclass may sign something else).
     chain.advance(SignedStatement.from_meta(answer.meta).statement)
