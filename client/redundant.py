@@ -57,9 +57,10 @@ def choose_replicas(
             start,
             end,
             count - len(chosen),
-            avoid_hosts=set().union(*(hosts_of(s) for s in taken + chosen)),
+            avoid_hosts=set().union(*(hosts_of(s, view.observed) for s in taken + chosen)),
             rtts=view.rtts,
             penalty=view.trust.route_penalty if view.trust is not None else None,
+            observed=view.observed,
         )
         if len(chosen) == count:
             break

@@ -3,13 +3,17 @@
 With redundancy k the blocks are cut into segments that at least k servers cover
 whole, so that all k answer exactly the same request and can be compared. Within a
 segment the replicas are distinct identities (the view is keyed by peer id, so one
-identity never fills two slots), spread over as many IP addresses as possible
+identity never fills two slots), spread over as many networks as possible
 (one host running several identities should not outvote the rest), fastest first.
+A server's network is the /24 (IPv4) or /64 (IPv6) prefix of the address its connection
+actually came from, as the client observed it; announced addresses count only for
+servers the client has not connected to yet (an announcement may list any addresses).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import ipaddress
+from collections.abc import Callable, Collection, Mapping
 
 from trustswarm.protocol.announcement import Announcement
 from trustswarm.protocol.errors import SwarmError
@@ -30,8 +34,22 @@ def host_of(addr: str) -> str:
     return addr
 
 
-def hosts_of(ann: Announcement) -> frozenset[str]:
-    return frozenset(host_of(a) for a in ann.addrs)
+def network_of(host: str) -> str:
+    """The /24 of an IPv4 address or the /64 of an IPv6 address; other names as they are."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    prefix = 24 if ip.version == 4 else 64
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def hosts_of(ann: Announcement, observed: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The networks a server counts as: where its connection came from, when observed."""
+    seen = (observed or {}).get(ann.peer_id)
+    if seen:
+        return frozenset({network_of(seen)})
+    return frozenset(network_of(host_of(a)) for a in ann.addrs)
 
 
 def segments(
@@ -64,6 +82,7 @@ def pick(
     avoid_hosts: Collection[str] = (),
     rtts: dict[str, float] | None = None,
     penalty: Callable[[str], float] | None = None,
+    observed: Mapping[str, str] | None = None,
 ) -> list[Announcement]:
     """Up to `count` servers covering [start, end) whole, none in `exclude`.
 
@@ -85,8 +104,8 @@ def pick(
     chosen: list[Announcement] = []
     used = set(avoid_hosts)
     while candidates and len(chosen) < count:
-        fresh = next((s for s in candidates if not hosts_of(s) & used), candidates[0])
+        fresh = next((s for s in candidates if not hosts_of(s, observed) & used), candidates[0])
         candidates.remove(fresh)
         chosen.append(fresh)
-        used |= hosts_of(fresh)
+        used |= hosts_of(fresh, observed)
     return chosen

@@ -72,6 +72,7 @@ class SwarmView:
     ban_max: float = 600.0
     servers: dict[str, Announcement] = field(default_factory=dict)
     rtts: dict[str, float] = field(default_factory=dict)
+    observed: dict[str, str] = field(default_factory=dict)  # peer id -> remote IP we saw
     bans: dict[str, Ban] = field(default_factory=dict)
     banned_for_session: set[str] = field(default_factory=set)
     # Reputation from trusted verifiers (None: no verifiers configured, no filtering).
@@ -351,6 +352,9 @@ class SwarmClient:
             unreachable.add(peer)
             return
         self.view.rtts[peer] = info.rtt
+        seen = remote_ip(self.host, peer_id)
+        if seen:
+            self.view.observed[peer] = seen
         self.view.consider(info.announcement)
         for other in info.known:
             self.view.consider(other)
@@ -363,6 +367,16 @@ class SwarmClient:
             await self.host.connect(
                 PeerInfo(peer_id, [_strip_p2p(a) for a in parse_addrs(ann.addrs)])
             )
+
+
+def remote_ip(host: IHost, peer_id: ID) -> str | None:
+    """The IP address our connection to `peer_id` actually goes to (None if unknown)."""
+    try:
+        conn = host.get_network().get_connection(peer_id)
+        address = conn.muxed_conn.get_remote_address() if conn is not None else None
+    except Exception:
+        return None
+    return str(address[0]) if address else None
 
 
 def parse_addrs(addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:

@@ -105,6 +105,8 @@ def test_hostile_records_in_a_store_never_break_a_client(tiny_model_dir):
         ) as client:
             honest = {s.peer_id for s in swarm.servers}
             assert set(client.swarm.view.servers) == honest
+            # Replica diversity counts where connections came from (here all loopback).
+            assert client.swarm.view.observed == dict.fromkeys(honest, "127.0.0.1")
             out = client.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4)
             assert out.shape == (1, 7)
             client.run_async(client.swarm.refresh)  # refreshes keep working

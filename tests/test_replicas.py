@@ -24,7 +24,7 @@ def _server(i: int, start: int, end: int, host: int, throughput: float = 100.0) 
         weights_digest="d",
         dtype="float32",
         throughput=throughput,
-        addrs=(f"/ip4/10.0.0.{host}/tcp/{4000 + i}",),
+        addrs=(f"/ip4/10.0.{host}.1/tcp/{4000 + i}",),  # one /24 network per host
         issued_at=0.0,
         expires_at=1e12,
     )
@@ -79,7 +79,20 @@ def test_pick_excludes_and_avoids_hosts():
     servers = [_server(0, 0, 4, 1, 1e4), _server(1, 0, 4, 1), _server(2, 0, 4, 2, 1.0)]
     assert [s.peer_id for s in pick(servers, 0, 4, 2)] == ["peer0", "peer2"]
     assert [s.peer_id for s in pick(servers, 0, 4, 1, exclude={"peer0"})] == ["peer1"]
-    assert [s.peer_id for s in pick(servers, 0, 4, 1, avoid_hosts={"10.0.0.1"})] == ["peer2"]
+    assert [s.peer_id for s in pick(servers, 0, 4, 1, avoid_hosts={"10.0.1.0/24"})] == ["peer2"]
+
+
+def test_replicas_count_the_network_a_connection_came_from_not_announced_addresses():
+    """One host announcing many "distinct" addresses: once the client has seen where the
+    connections come from, its identities count as one network."""
+    liars = [_server(i, 0, 4, host=i + 1, throughput=1e4) for i in range(3)]
+    other = _server(9, 0, 4, host=50, throughput=1.0)
+    observed = {s.peer_id: "198.18.7.20" for s in liars} | {other.peer_id: "198.19.0.3"}
+    assert len({h for s in liars for h in hosts_of(s)}) == 3  # what they announce
+    chosen = pick([*liars, other], 0, 4, 2, observed=observed)
+    assert [s.peer_id for s in chosen] == ["peer0", "peer9"]
+    assert hosts_of(liars[1], {"peer1": "198.18.7.99"}) == {"198.18.7.0/24"}
+    assert hosts_of(liars[1], {"peer1": "2001:db8:1:2::5"}) == {"2001:db8:1:2::/64"}
 
 
 def test_host_of_multiaddrs():
