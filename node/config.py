@@ -10,7 +10,7 @@ from trustswarm.protocol.limits import DEFAULT_LIMITS, Limits
 @dataclass(frozen=True)
 class ServerConfig:
     max_sessions: int = 32  # concurrent inference sessions
-    max_sessions_per_peer: int = 4  # one identity cannot squat the rest
+    max_sessions_per_peer: int = 8  # one identity cannot squat the rest
     kv_cache_bytes: int = 2 * 1024**3  # KV caches reserved over all sessions (max_length each)
     write_timeout: float = 30.0  # seconds to write one answer to a peer (slow readers)
     max_session_tokens: int = 2048  # max_length a session may ask for

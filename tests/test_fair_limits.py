@@ -91,7 +91,8 @@ def open_sessions(swarm: LocalSwarm, addr: str, count: int, max_length: int = 64
 def test_one_peer_cannot_hold_every_session(tiny_model_dir):
     swarm = LocalSwarm(tiny_model_dir)
     try:
-        node = swarm.start_server((0, 6), config=ServerConfig(max_sessions=8))
+        config = ServerConfig(max_sessions=16, max_sessions_per_peer=4)
+        node = swarm.start_server((0, 6), config=config)
         replies = open_sessions(swarm, node.addrs[0], 8)
         opened = [r for r in replies if "opened" in r]
         busy = [r for r in replies if r.get("error") == "busy"]
