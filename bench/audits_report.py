@@ -138,8 +138,7 @@ def write_report(out: Path, setup: dict, trials: list[dict], audits: list[dict])
         "with f the share of sessions holding a tampered answer and λ sessions/s.",
         "",
         f"Run: `{setup.get('command', 'python bench/audits.py')}` "
-        f"({setup['wall_seconds'] / 60:.0f} min; load average {setup.get('load', '?')} at the end, "
-        "nothing else running).",
+        f"({setup['wall_seconds'] / 60:.0f} min; load average {setup.get('load', '?')} at the end).",
         "",
         "## Per cheater (means over the trials that ended in a ban)",
         "",

@@ -137,6 +137,7 @@ class ServerReputation:
     ban_reason: str | None = None
     start: int | None = None  # the span last checked
     end: int | None = None
+    banned_at: float | None = None
 
 
 def database_url(url: str) -> str:
@@ -405,6 +406,7 @@ class ReputationStore:
             ban_reason=row.ban_reason,
             start=row.start,
             end=row.end,
+            banned_at=row.banned_at,
         )
 
 

@@ -94,7 +94,9 @@ class VerifierConfig:
     # Seconds between swarm discovery rounds, over all checker clients together (each
     # refreshes every refresh_every x checks.checkers, a client's 30 s by default).
     refresh_every: float = 10.0
-    republish_every: float = 30.0  # seconds between re-publishing every record
+    republish_every: float = 30.0  # seconds between re-publishing rounds
+    republish_horizon: float = 86_400.0  # re-publish servers checked within this long
+    ban_horizon: float = 7 * 86_400.0  # ... and bans made within this long
     record_ttl: float = 300.0  # seconds a signed record stays valid
     publish_pace: float = 0.15  # seconds between two publishes (gossipsub drops bursts)
     connect_timeout: float = 10.0

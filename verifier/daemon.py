@@ -54,6 +54,7 @@ from trustswarm.reputation.records import (
     SignedReputationRecord,
     sign_record,
 )
+from trustswarm.reputation.score import BANNED
 from trustswarm.reputation.store import ReputationStore
 
 from .audits import AuditDesk
@@ -65,6 +66,7 @@ from .judge import Judge
 from .reports import ReportDesk
 from .spotcheck import FRAUD, CheckResult, SpotChecker
 
+REPUBLISH_BATCH = 32  # records per publish batch when re-publishing
 log = logging.getLogger("trustswarm.verifier")
 
 
@@ -158,11 +160,31 @@ class Verifier:
                     break
             await self._publish(publisher, sorted(pending))
 
+    def live_peers(self, now: float | None = None) -> list[str]:
+        """The servers whose records are worth re-publishing, most recently seen first:
+        checked within `republish_horizon`, or banned within `ban_horizon`. Rows of
+        servers long gone stay in the store but cost nothing per round."""
+        now = time.time() if now is None else now
+        cfg = self.config
+        live = [
+            r
+            for r in self.store.all(self.model_id, now)
+            if (r.last_checked or 0.0) >= now - cfg.republish_horizon
+            or (r.state == BANNED and (r.banned_at or 0.0) >= now - cfg.ban_horizon)
+        ]
+        live.sort(key=lambda r: -max(r.last_checked or 0.0, r.banned_at or 0.0))
+        return [r.peer_id for r in live]
+
     async def _republish_forever(self, publisher: RecordPublisher) -> None:
         while True:
-            peers = [r.peer_id for r in self.store.all(self.model_id)]
-            await self._publish(publisher, peers)
-            await trio.sleep(self.config.republish_every)
+            began = trio.current_time()
+            peers = self.live_peers()
+            for i in range(0, len(peers), REPUBLISH_BATCH):
+                # The lock is taken per batch: a ban published on a change never waits
+                # for a whole round of re-publishing.
+                await self._publish(publisher, peers[i : i + REPUBLISH_BATCH])
+            elapsed = trio.current_time() - began
+            await trio.sleep(max(1.0, self.config.republish_every - elapsed))
 
     def changed(self, peer_id: str) -> None:
         try:
