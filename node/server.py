@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import trio
@@ -50,7 +50,7 @@ from .handlers import (
     handle_inference,
     handle_info,
 )
-from .peers import known_announcements, sample_to_fit
+from .peers import VerifiedRecords, known_announcements, sample_to_fit
 from .selection import coverage, worst_covered_span
 
 log = logging.getLogger("trustswarm.node")
@@ -75,13 +75,14 @@ class BlockServer:
     pubsub: Pubsub | None = None  # relays verifiers' reputation records
     announcement: SignedAnnouncement | None = None
     ctx: ServingContext | None = None
+    verified: VerifiedRecords = field(default_factory=VerifiedRecords)  # info re-reads
 
     @property
     def model_id(self) -> str:
         return self.model_dir.manifest.model_id
 
     def _info(self) -> dict:
-        known = known_announcements(self.dht, self.model_id) if self.dht else []
+        known = known_announcements(self.dht, self.model_id, self.verified) if self.dht else []
         return {
             "announcement": self.announcement.to_bytes().decode() if self.announcement else "",
             "known": sample_to_fit(known),

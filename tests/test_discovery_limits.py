@@ -113,3 +113,23 @@ def test_hostile_records_in_a_store_never_break_a_client(tiny_model_dir):
             assert set(client.swarm.view.servers) == honest
     finally:
         swarm.close()
+
+
+def test_verified_records_are_checked_once_and_still_expire(monkeypatch):
+    from trustswarm.node.peers import VerifiedRecords
+
+    _, value = foreign("m", "b" * 64, issued_at=time.time() - 100, expires_at=time.time() + 2)
+    calls = []
+    original = SignedAnnouncement.verify
+
+    def counting(self, now=None):  # noqa: ANN001, ANN202
+        calls.append(1)
+        return original(self, now)
+
+    monkeypatch.setattr(SignedAnnouncement, "verify", counting)
+    verified = VerifiedRecords(max_entries=4)
+    assert all(verified.get(value) is not None for _ in range(50))
+    assert len(calls) == 1  # one signature check for 50 reads
+    assert verified.get(b"garbage") is None and verified.get(b"garbage") is None
+    time.sleep(2.1)
+    assert verified.get(value) is None  # expired: gone, though cached
