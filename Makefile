@@ -43,10 +43,12 @@ bench-adversary: setup
 bench-redundancy: setup
 	$(PY) bench/redundancy.py $(BENCH_ARGS)
 
-# Client audits against a cheater no spot-check sees (issue 11): bench/results/audits.md,
+# Client audits against cheaters that recognise checks (issue 11): bench/results/audits.md,
 # real SmolLM2, bounded by --max-minutes (default 40). BENCH_ARGS="--max-minutes 10" to shorten.
+# Then 1,000+ audits of honest float32 and bfloat16 servers: bench/results/audits_honest.md.
 bench-audits: setup
 	$(PY) bench/audits.py $(BENCH_ARGS)
+	$(PY) bench/audits_honest.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
