@@ -29,7 +29,6 @@ to it, .md). Bounded by --max-minutes (framing first, at most a third of it).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import random
@@ -45,16 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adversary_steering_report import markdown  # noqa: E402
 from steering_prompts import prompts_for  # noqa: E402
 
-from trustswarm.client.rpc import SpanCall, request_message  # noqa: E402
 from trustswarm.models.runner import BlockRunner  # noqa: E402
-from trustswarm.models.store import ClientParts, ModelDir  # noqa: E402
-from trustswarm.node.config import ServerConfig  # noqa: E402
-from trustswarm.node.handlers import ServingContext  # noqa: E402
-from trustswarm.protocol.codec import encode_message  # noqa: E402
+from trustswarm.models.store import ModelDir  # noqa: E402
 from trustswarm.protocol.comparator import compare  # noqa: E402
-from trustswarm.protocol.evidence import Evidence, SignedExchange  # noqa: E402
-from trustswarm.protocol.identity import Identity  # noqa: E402
 from trustswarm.testing.framing import framing_inputs  # noqa: E402
+from trustswarm.testing.offline_judge import JUDGE_FEATURES, OfflineJudge  # noqa: E402
 from trustswarm.testing.steering import (  # noqa: E402
     Accept,
     ModelDownstream,
@@ -63,7 +57,6 @@ from trustswarm.testing.steering import (  # noqa: E402
     runner_up,
     steer_last_token,
 )
-from trustswarm.verifier.judge import Judge  # noqa: E402
 
 try:  # the next-token comparator (protocol/next_token.py), where this tree has it
     from trustswarm.protocol.next_token import REFERENCE_TOLERANCES, compare_next_token
@@ -71,23 +64,6 @@ except ImportError:  # pragma: no cover - older trees
     compare_next_token = REFERENCE_TOLERANCES = None
 
 FIXED_TARGET = "Sorry"
-
-
-def verifier_judge(md: ModelDir, full: BlockRunner, parts: ClientParts) -> tuple[Judge, list[str]]:
-    """The Judge as the verifier daemon builds it (verifier/daemon.py `_load`), with
-    whichever of its options this tree's Judge has: the LM head (next-token check) and
-    the natural conditioning of each span (the error floor for chosen inputs)."""
-    options: dict[str, object] = {}
-    params = inspect.signature(Judge).parameters
-    if "head" in params:
-        options["head"] = parts
-    if "conditioning" in params:
-        from trustswarm.verifier.challenges import ChallengeFactory
-        from trustswarm.verifier.conditioning import NaturalConditioning
-
-        factory = ChallengeFactory(md, full, rng=random.Random(0))
-        options["conditioning"] = NaturalConditioning(factory)
-    return Judge(full, md.manifest.model_id, **options), sorted(options)
 
 
 class Bench:
@@ -100,16 +76,8 @@ class Bench:
         self.full = BlockRunner(self.md, 0, self.n, torch.float32)
         self.parts = self.md.load_client_parts(torch.float32)
         self.bf16 = {s: BlockRunner(self.md, *s, torch.bfloat16) for s in spans}
-        self.identity = Identity.generate()  # throwaway: what the server signs with
-        self.ctx = ServingContext(
-            identity=self.identity,
-            runner=self.full,
-            model_id=self.model_id,
-            span_digest=self.md.manifest.span_digest,
-            config=ServerConfig(),
-            info=dict,
-        )
-        self.judge, self.judge_features = verifier_judge(self.md, self.full, self.parts)
+        self.offline = OfflineJudge(self.md, self.full, self.parts)
+        self.judge_features = JUDGE_FEATURES
 
     def inputs(self, ids: list[int], start: int) -> torch.Tensor:
         with torch.inference_mode():
@@ -122,24 +90,10 @@ class Bench:
         )
 
     def judged(self, span: tuple[int, int], hidden: torch.Tensor, output: torch.Tensor) -> dict:
-        """Sign `output` as a server would, as the answer to a forward request for
-        `hidden`, and judge the evidence."""
-        start, end = span
-        dtype = str(output.dtype).removeprefix("torch.")
-        call = SpanCall(self.identity.peer_id, self.model_id, start, end, "", dtype)
-        raw = encode_message(request_message(call, {"hidden_states": hidden.float().contiguous()}))
-        answer = self.ctx.signed_answer(
-            "forward", start, end, raw, output, "hidden_states", "bench"
-        )
-        evidence = Evidence((SignedExchange(raw, encode_message(answer)),))
-        j = self.judge.judge(evidence)
-        inconclusive = bool(getattr(j, "inconclusive", False))
-        return {
-            "wrong": j.wrong,
-            "proven": j.proven,
-            "inconclusive": inconclusive,
-            "reason": j.reason[:200],
-        }
+        """Sign `output` as a server would (for a forward request of `hidden`), judge it."""
+        v = self.offline.judged(span, hidden, output)
+        return {"wrong": v.wrong, "proven": v.proven, "inconclusive": v.inconclusive,
+                "reason": v.reason}  # fmt: skip
 
 
 @dataclass

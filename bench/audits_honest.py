@@ -88,7 +88,11 @@ def run(args: argparse.Namespace, swarm: LocalSwarm, verifier: RunningVerifier) 
         ) as client:  # fmt: skip
             wait_until(lambda c=client: len(c.swarm.view.servers) == 4, timeout=60)
             for _ in range(args.rounds_per_client):
-                one_round(client, tokenizer, rng, rounds)
+                try:
+                    one_round(client, tokenizer, rng, rounds)
+                except Exception as exc:  # e.g. no majority between two honest replicas
+                    stats["client_errors"] += 1
+                    print(f"round {rounds + 1} failed: {type(exc).__name__}: {exc}", flush=True)
                 rounds += 1
                 print(f"round {rounds} (k={k}): {len(verifier.verifier.audits.results)} "
                       f"audits judged", flush=True)  # fmt: skip

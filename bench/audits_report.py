@@ -83,15 +83,18 @@ def summary_rows(by_f: dict) -> list[str]:
     for kind, items in by_f.items():
         banned = [(t, b) for t, b in items if t["banned_after"] is not None]
         if not banned:
-            rows.append(f"| {kind} | {len(items)} | 0 | – | – | – | – |")
+            rows.append(f"| {kind} | {len(items)} | 0 | – | – | – | – | – |")
             continue
         mean = statistics.mean
+        bounds_ = [b["time_bound"] for _, b in banned if b["time_bound"] != float("inf")]
+        by = Counter(t.get("caught_by") or "?" for t, _ in banned)
         rows.append(
             f"| {kind} | {len(items)} | {len(banned)} | "
             f"{mean(t['banned_after'] for t, _ in banned):.0f} | "
-            f"{mean(b['time_bound'] for _, b in banned):.0f} | "
+            f"{_fmt(mean(bounds_) if bounds_ else None)} | "
             f"{mean(t['wrong_sessions'] for t, _ in banned):.1f} | "
-            f"{mean(b['wrong_sessions_bound'] for _, b in banned):.1f} |"
+            f"{mean(b['wrong_sessions_bound'] for _, b in banned):.1f} | "
+            f"{by.get('audit', 0)} / {by.get('spot-check', 0)} |"
         )
     return rows
 
@@ -123,7 +126,7 @@ def write_report(out: Path, setup: dict, trials: list[dict], audits: list[dict])
     rows, by_f = trial_rows(trials, setup)
     r = setup["audit_rate"]
     lines = [
-        "# Client audits: a cheater no spot-check sees (bench/audits.py)",
+        "# Client audits and client-like checks against cheaters that recognise checks (bench/audits.py)",
         "",
         f"Real SmolLM2-135M, real processes on loopback (2-core VM, shared): honest 0:10 and "
         "20:30, a cheater on 10:20 (the only 10:20 server; a fresh identity per trial): one of "
@@ -140,10 +143,12 @@ def write_report(out: Path, setup: dict, trials: list[dict], audits: list[dict])
         f"Run: `{setup.get('command', 'python bench/audits.py')}` "
         f"({setup['wall_seconds'] / 60:.0f} min; load average {setup.get('load', '?')} at the end).",
         "",
-        "## Per cheater (means over the trials that ended in a ban)",
+        "## Per cheater (means over the trials that ended in a ban; the audit bound over trials "
+        "with at least one session)",
         "",
-        "| cheater | trials | banned | time to ban (s) | bound (s) | wrong sessions | bound |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| cheater | trials | banned | time to ban (s) | audit bound (s) | wrong sessions | "
+        "bound | caught by audit / spot-check |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *summary_rows(by_f),
         "",
         "## Trials",

@@ -92,6 +92,9 @@ class Tolerance:
     scale_floor: float = SCALE_FLOOR
     # Max-abs guard of protected tokens (0: the same as max_abs_ratio).
     protected_max_abs_ratio: float = 0.0
+    # Bulk error bound of protected tokens (0: token_rel_error). They get no outlier
+    # slot; this is their own bound, calibrated on honest decode steps.
+    protected_rel_error: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.token_rel_error > 0 and self.max_abs_ratio > 0):
@@ -104,6 +107,8 @@ class Tolerance:
             raise ValueError("scale_floor must be positive")
         if not self.massive_ratio > 0 or not self.protected_max_abs_ratio >= 0:
             raise ValueError("massive_ratio must be positive, protected_max_abs_ratio >= 0")
+        if not self.protected_rel_error >= 0:
+            raise ValueError("protected_rel_error must be >= 0")
 
     def loosest(self, other: Tolerance) -> Tolerance:
         """A tolerance at least as loose as both (field by field)."""
@@ -119,12 +124,20 @@ class Tolerance:
             protected_max_abs_ratio=0.0
             if 0.0 in (self.protected_max_abs_ratio, other.protected_max_abs_ratio)
             else max(self.protected_max_abs_ratio, other.protected_max_abs_ratio),
+            protected_rel_error=0.0
+            if self.protected_rel_error == other.protected_rel_error == 0.0
+            else max(self.protected_cap, other.protected_cap),
         )
 
     @property
     def protected_guard(self) -> float:
         """The max-abs guard of protected tokens."""
         return self.protected_max_abs_ratio or self.max_abs_ratio
+
+    @property
+    def protected_cap(self) -> float:
+        """The bulk error bound of protected tokens."""
+        return self.protected_rel_error or self.token_rel_error
 
     @property
     def token_cap(self) -> float:
@@ -153,7 +166,12 @@ class Verdict:
 # Calibrated by bench/calibrate.py on SmolLM2-135M (232 prompts forward, 21 backward; the
 # rule and margins are in bench/results/calibration.md). float16 was measured forward only
 # (<= 0.5 %) and takes the bfloat16 values.
-_FWD_BF16 = Tolerance(token_rel_error=0.029, max_abs_ratio=9.2, outlier_token_error=0.16)
+# The next-token position (no outlier slot) has its own bound: honest bfloat16 decode
+# steps through a bfloat16 KV cache reached 0.070 (span 0:15; 2,160 steps of 18 chat
+# prompts over 5 spans, DESIGN-NOTES), far above the prefill bulk of 0.029.
+_FWD_BF16 = Tolerance(
+    token_rel_error=0.029, max_abs_ratio=9.2, outlier_token_error=0.16, protected_rel_error=0.1
+)
 _GRAD_BF16 = Tolerance(token_rel_error=0.18, max_abs_ratio=4.8, outlier_token_error=0.44)
 FORWARD_TOLERANCES: dict[str, Tolerance] = {
     "float32": Tolerance(token_rel_error=1e-4, max_abs_ratio=2e-3),
@@ -384,15 +402,17 @@ def _violation(
         return float(worst), _position(int(index), shape)
 
     worst, where = at(rel)
-    if not worst <= tolerance.token_cap:
-        return f"token {where} relative error {worst:.3g} > {tolerance.token_cap:.3g}"
-    over = ~(rel <= tolerance.token_rel_error)
-    if bool((over & protected).any()):
+    cap = max(tolerance.token_cap, tolerance.protected_cap)
+    if not worst <= cap:
+        return f"token {where} relative error {worst:.3g} > {cap:.3g}"
+    if bool((~(rel <= tolerance.protected_cap) & protected).any()):
         worst, where = at(rel, protected)
         return (
             f"next-token position {where} relative error {worst:.3g}"
-            f" > {tolerance.token_rel_error:.3g} (no outlier allowance there)"
+            f" > {tolerance.protected_cap:.3g} (no outlier allowance there)"
         )
+    # A protected token beyond the bulk bound (within its own) still takes a slot.
+    over = ~(rel <= tolerance.token_rel_error)
     n_over = int(over.sum())
     allowed = tolerance.outlier_tokens(n_tokens)
     if n_over > allowed:

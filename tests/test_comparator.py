@@ -139,7 +139,9 @@ def test_rejects_five_percent_scaling_and_noise(a, seed):
     """5 % of every token, as a scaling or as Gaussian noise, is rejected by every forward
     tolerance and by the float32 gradient one, as soon as there are 2 tokens (one token alone
     may be an allowed outlier token, see test_outlier_tokens). bfloat16 gradients are
-    inexact (honest pairs differ by up to ~14 %): there it takes 30 %."""
+    inexact (honest pairs differ by up to ~14 %): there it takes 30 %. The next-token
+    position of each sequence has its own bound (honest bfloat16 decode steps reach 7 %):
+    a cheat on those positions alone is left to the next-token comparator."""
     n_tokens = a.shape[0] * a.shape[1]
     for frac, tols in (
         (0.05, [*FORWARD_TOLERANCES.values(), GRADIENT_TOLERANCES["float32"]]),
@@ -149,6 +151,9 @@ def test_rejects_five_percent_scaling_and_noise(a, seed):
         for name, b in cheats.items():
             for tol in tols:
                 if n_tokens <= tol.outlier_tokens(n_tokens):
+                    continue
+                free = n_tokens - a.shape[0]  # the tokens that are not next-token positions
+                if tol.protected_cap > frac and free <= tol.outlier_tokens(n_tokens):
                     continue
                 v = compare(a, b, tolerance=tol)
                 assert not v, (name, tol, v)
@@ -203,12 +208,14 @@ def test_reason_names_the_tampered_token(a, token):
     st.sampled_from(ALL_TOLERANCES),
 )
 def test_monotone_in_perturbation_size(a, seed, t1, t2, tol):
-    """More of the same perturbation never turns a rejection into an acceptance."""
+    """More of the same perturbation never turns a rejection into an acceptance. (The
+    reported worst error itself need not grow: a channel that becomes massive in both
+    answers is left out, which can lower it; hypothesis found such a case at 0.25 vs 0.5
+    of the RMS, both rejected.)"""
     lo, hi = sorted((t1, t2))
     direction = token_rms(a) * noise_like(a, seed)
     v_lo = compare(a, a + lo * direction, tolerance=tol)
     v_hi = compare(a, a + hi * direction, tolerance=tol)
-    assert v_lo.worst_token_error <= v_hi.worst_token_error * (1 + 1e-5) + 1e-9
     if not v_lo:
         assert not v_hi
 

@@ -18,7 +18,7 @@ from tests.verifier_env import one_torch_thread, start_verifier, stop_verifier, 
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.client.rpc import SpanCall, checked_answer
 from trustswarm.client.swarm import SwarmView
-from trustswarm.protocol.announcement import Announcement, sign_announcement
+from trustswarm.protocol.announcement import Announcement, SignedAnnouncement
 from trustswarm.protocol.codec import Message, encode_message
 from trustswarm.protocol.digests import bytes_digest, tensors_digest
 from trustswarm.protocol.errors import ProtocolError, SignatureError, SwarmError
@@ -132,7 +132,10 @@ def test_bad_dtype_policy_and_unknown_announced_dtypes():
     view = view_of()
     for dtype, accepted in (("float64", False), ("int8", False), ("float16", True)):
         record = dataclasses.replace(ann(str(identity.peer_id), 0, 6, dtype), model_id="m")
-        assert view.consider(sign_announcement(identity, record)) == accepted
+        # Signed without our field checks (an attacker signs what it likes); the view
+        # refuses what our servers could not even announce.
+        signed = SignedAnnouncement(record, identity.sign(record.canonical_bytes()))
+        assert view.consider(signed) == accepted
 
 
 # -- real servers: a liar that announces float32 and computes in bfloat16 ------------------
