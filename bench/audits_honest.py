@@ -53,9 +53,13 @@ QUESTIONS = (
     "Explain recursion to a ten-year-old.",
 )
 SPANS = ((0, 15), (15, 30))
+TINY_SPANS = ((0, 3), (3, 6))
 
 
 def chat_ids(tokenizer, i: int) -> torch.Tensor:  # noqa: ANN001
+    if tokenizer is None:  # the tiny model has no tokenizer: random prompts
+        g = torch.Generator().manual_seed(i)
+        return torch.randint(3, 512, (1, 4 + i % 9), generator=g)
     chat = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
     return tokenizer.apply_chat_template(
         chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -75,7 +79,7 @@ def one_round(client, tokenizer, rng: random.Random, i: int) -> None:  # noqa: A
 def run(args: argparse.Namespace, swarm: LocalSwarm, verifier: RunningVerifier) -> dict:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    tokenizer = None if args.tiny else AutoTokenizer.from_pretrained(args.model_dir)
     rng = random.Random(args.seed)
     deadline = time.monotonic() + 60 * args.max_minutes
     stats: Counter[str] = Counter()
@@ -141,7 +145,7 @@ def markdown(data: dict) -> str:
     lines = [
         "# Honest servers under client audits (bench/audits_honest.py)",
         "",
-        f"{data['model']}, blocks 0:15 and 15:30, each served by a float32 and a bfloat16 "
+        f"{data['model']}, blocks {data['spans']}, each served by a float32 and a bfloat16 "
         "server (real hosts on loopback, one process); one real verifier, spot-checks off; "
         f"clients with audit_rate=1, redundancy 1 and 2; {data['rounds']} rounds of a greedy "
         "generation + a forward/backward with labels on reshuffled routes. "
@@ -179,8 +183,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--tiny", action="store_true", help="the tiny random 6-block Llama")
     args = parser.parse_args()
-    ensure_model(args.model_dir)
+    if args.tiny:
+        from trustswarm.testing.tiny_model import make_tiny_model_dir
+
+        args.model_dir = make_tiny_model_dir(Path(tempfile.mkdtemp(prefix="ts-tiny-")))
+    else:
+        ensure_model(args.model_dir)
     torch.set_num_threads(args.threads)
     began = time.monotonic()
     swarm = LocalSwarm(args.model_dir)
@@ -188,7 +198,7 @@ def main() -> int:
     try:
         servers = [
             swarm.start_server(span, dtype=dtype)
-            for span in SPANS
+            for span in (TINY_SPANS if args.tiny else SPANS)
             for dtype in (torch.float32, torch.bfloat16)
         ]
         config = VerifierConfig(
@@ -204,15 +214,17 @@ def main() -> int:
             stop_verifier(swarm, verifier)
         swarm.close()
     data |= {
-        "model": str(args.model_dir.name),
         "target": args.audits,
+        "spans": " and ".join(f"{a}:{b}" for a, b in (TINY_SPANS if args.tiny else SPANS)),
         "minutes": (time.monotonic() - began) / 60,
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "audits_honest.json").write_text(json.dumps(data, indent=1))
+    name = "audits_honest_tiny" if args.tiny else "audits_honest"
+    data["model"] = "tiny random 6-block Llama" if args.tiny else "SmolLM2-135M"
+    (args.out / f"{name}.json").write_text(json.dumps(data, indent=1))
     text = markdown(data)
-    (args.out / "audits_honest.md").write_text(text)
+    (args.out / f"{name}.md").write_text(text)
     print(text)
     return 0 if data["summary"]["honest_penalised"] == 0 else 1
 

@@ -50,12 +50,15 @@ class NextTokenTolerance:
 
 # Calibrated on SmolLM2-135M (bench/results/calibration_trust.md, bench/results/
 # adversary_steering.md): honest bfloat16 vs float32 changed the greedy token in ~4 % of
-# prompts with margins up to 0.12 logits, and moved candidate logits apart by up to 0.25.
+# prompts with margins up to 0.12 logits, and moved candidate logits apart by up to 0.25
+# on prefills. Decode steps through a bfloat16 KV cache move them further: up to 0.44
+# (spans 15:30 and 20:30, 864 greedy steps of 18 chat prompts; 4 above the earlier 0.4,
+# which failed honest float32 + bfloat16 votes), so the spread bound is 0.6 (1.36x).
 # Votes (replica vs replica, either may be honest bfloat16 on any hardware):
 NEXT_TOKEN_TOLERANCES: dict[str, NextTokenTolerance] = {
     "float32": NextTokenTolerance(flip_gap=0.01, logit_spread=0.02),
-    "bfloat16": NextTokenTolerance(flip_gap=0.15, logit_spread=0.4),
-    "float16": NextTokenTolerance(flip_gap=0.15, logit_spread=0.4),
+    "bfloat16": NextTokenTolerance(flip_gap=0.15, logit_spread=0.6),
+    "float16": NextTokenTolerance(flip_gap=0.15, logit_spread=0.6),
 }
 # A verifier compares an answer with its float32 reference AND with its own recomputation
 # in the answer's dtype, and accepts either: an honest server reproduces the latter (same
@@ -64,8 +67,8 @@ NEXT_TOKEN_TOLERANCES: dict[str, NextTokenTolerance] = {
 # honest bfloat16 too).
 REFERENCE_TOLERANCES: dict[str, NextTokenTolerance] = {
     "float32": NextTokenTolerance(flip_gap=0.01, logit_spread=0.02),
-    "bfloat16": NextTokenTolerance(flip_gap=0.05, logit_spread=0.4),
-    "float16": NextTokenTolerance(flip_gap=0.05, logit_spread=0.4),
+    "bfloat16": NextTokenTolerance(flip_gap=0.05, logit_spread=0.6),
+    "float16": NextTokenTolerance(flip_gap=0.05, logit_spread=0.6),
 }
 SAME_DTYPE_TOLERANCE = NextTokenTolerance(flip_gap=0.02, logit_spread=0.1)
 
