@@ -41,7 +41,7 @@ class SessionAdmission:
     def refusal(self, peer: str, kv_bytes: int) -> str | None:
         """Why a new session of `kv_bytes` from `peer` must wait, or None to admit it."""
         if self.active >= self.max_sessions:
-            return f"all {self.max_sessions} inference sessions are in use; retry in a few seconds"
+            return f"too many inference sessions: all {self.max_sessions} are in use; retry soon"
         if self.by_peer[peer] >= self.max_per_peer:
             return (
                 f"this peer already holds {self.by_peer[peer]} sessions (at most "

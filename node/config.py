@@ -24,9 +24,10 @@ class ServerConfig:
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_sessions_per_peer", "kv_cache_bytes"):
+        # max_sessions may be 0: a server that serves forward and backward passes only.
+        for name, low in (("max_sessions", 0), ("max_sessions_per_peer", 1), ("kv_cache_bytes", 1)):
             value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ValueError(f"ServerConfig.{name} must be a positive integer, got {value!r}")
+            if type(value) is not int or value < low:
+                raise ValueError(f"ServerConfig.{name} must be an integer >= {low}, got {value!r}")
         if not self.write_timeout > 0:
             raise ValueError("ServerConfig.write_timeout must be positive")
