@@ -42,6 +42,16 @@ def ensure_model(model_dir: Path) -> None:
     )
 
 
+def chat_ids(tokenizer, prompt: str):  # noqa: ANN001, ANN201 - a HF tokenizer -> [1, T]
+    """The token ids of one user message in the model's chat template, ready to answer."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+
+
 def start_node(
     model_dir: Path, blocks: str, key: Path, initial: list[str], log_path: Path
 ) -> tuple[subprocess.Popen, str]:
@@ -127,10 +137,7 @@ def run_client(model_dir: Path, addrs: list[str], prompt: str, max_new_tokens: i
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with DistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=addrs) as model:
         print(f"client sees {len(model.swarm.view.servers)} servers", flush=True)
-        messages = [{"role": "user", "content": prompt}]
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
+        ids = chat_ids(tokenizer, prompt)
         print(f"\nuser: {prompt}", flush=True)
         began = time.perf_counter()
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
@@ -218,12 +225,7 @@ def tell_trust_story(
     verifier_key = work / "verifier.key"
     verifier_id = str(Identity.load_or_create(verifier_key).peer_id)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": args.prompt}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
+    ids = chat_ids(tokenizer, args.prompt)
     with DistributedModelForCausalLM.from_pretrained(
         args.model_dir, initial_peers=[*addrs, cheat_addr], trusted_verifiers=[verifier_id]
     ) as client:
@@ -327,10 +329,7 @@ def tell_audit_story(
     print(f"cheater 2: blocks 0:30  {cheat_addr}", flush=True)
     print(f"          (demo-only: skips a block only for client {str(victim.peer_id)[-8:]})")
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-        return_tensors="pt", return_dict=True,
-    )["input_ids"]  # fmt: skip
+    ids = chat_ids(tokenizer, args.prompt)
     verifier_log = work / "verifier.log"
     with DistributedModelForCausalLM.from_pretrained(
         args.model_dir, initial_peers=[*addrs, cheat_addr], identity=victim,

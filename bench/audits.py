@@ -110,26 +110,21 @@ def tampered(log: Path, client_peer: str) -> int:
     return sum(client_peer[-8:] in line for line in text.splitlines() if "tampered answer" in line)
 
 
-def cheater_args(kind: str) -> list[str]:
-    """`demo_cheater` flags for a `--cheaters` entry, and its nominal cheat fraction."""
+def cheater_spec(kind: str) -> tuple[list[str], float]:
+    """`demo_cheater` flags for a `--cheaters` entry, and its nominal share of cheated
+    answers to the client (1 for a recognising signal: it fires on the client)."""
     name, _, value = kind.partition(":")
     if name == "noise":
-        return ["--fraction", value or "1", "--boast", "1"]
+        return ["--fraction", value or "1", "--boast", "1"], float(value or 1)
     if name == "rare":
-        return ["--recognise", "rare", "--fraction", value or "0.02"]
-    return ["--recognise", name]
+        return ["--recognise", "rare", "--fraction", value or "0.02"], float(value or 0.02)
+    return ["--recognise", name], 1.0
 
 
-def nominal_fraction(kind: str) -> float:
-    name, _, value = kind.partition(":")
-    return float(value) if value and name in ("noise", "rare") else 1.0
+def question_ids(tokenizer, i: int):  # noqa: ANN001, ANN201
+    from trustswarm.demo import chat_ids
 
-
-def chat_ids(tokenizer, i: int):  # noqa: ANN001, ANN201
-    chat = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
-    return tokenizer.apply_chat_template(
-        chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
+    return chat_ids(tokenizer, QUESTIONS[i % len(QUESTIONS)])
 
 
 def watch(trial: Trial, audits: AuditLog, client, stop: threading.Event) -> None:  # noqa: ANN001
@@ -159,17 +154,18 @@ def run_trial(args, work: Path, addrs, verifier: str, audits: AuditLog, n: int, 
     from trustswarm.demo import read_addr, start_process, stop_processes
 
     kind = args.cheaters[n % len(args.cheaters)]
+    flags, fraction = cheater_spec(kind)
     log = work / f"cheater{n}.log"
     proc = start_process(
         [sys.executable, "-m", "trustswarm.demo_cheater", "--model", str(args.model_dir),
          "--blocks", "10:20", "--identity", str(work / f"cheater{n}.key"),
          "--initial-peers", addrs[0], "--amount", str(args.amount), "--threads", "1",
-         *cheater_args(kind)],
+         *flags],
         log,
     )  # fmt: skip
     try:
         cheat_addr = read_addr(proc, "the cheater", log, timeout=300)
-        trial = Trial(kind, nominal_fraction(kind), cheat_addr.split("/p2p/")[1])
+        trial = Trial(kind, fraction, cheat_addr.split("/p2p/")[1])
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
         with DistributedModelForCausalLM.from_pretrained(
             args.model_dir,
@@ -198,7 +194,7 @@ def generate_until_banned(args, trial, client, tokenizer, audits, log, deadline)
             before = tampered(log, me)
             try:
                 client.generate(
-                    chat_ids(tokenizer, trial.sessions), max_new_tokens=args.new_tokens,
+                    question_ids(tokenizer, trial.sessions), max_new_tokens=args.new_tokens,
                     eos_token_id=[], pad_token_id=0,
                 )  # fmt: skip
             except Exception as exc:

@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from trustswarm.client import DistributedModelForCausalLM  # noqa: E402
-from trustswarm.demo import DEFAULT_MODEL_DIR, ensure_model  # noqa: E402
+from trustswarm.demo import DEFAULT_MODEL_DIR, chat_ids, ensure_model  # noqa: E402
 from trustswarm.testing.local_swarm import LocalSwarm, RunningServer  # noqa: E402
 from trustswarm.testing.local_verifier import (  # noqa: E402
     RunningVerifier,
@@ -56,21 +56,18 @@ SPANS = ((0, 15), (15, 30))
 TINY_SPANS = ((0, 3), (3, 6))
 
 
-def chat_ids(tokenizer, i: int) -> torch.Tensor:  # noqa: ANN001
+def question_ids(tokenizer, i: int) -> torch.Tensor:  # noqa: ANN001
     if tokenizer is None:  # the tiny model has no tokenizer: random prompts
         g = torch.Generator().manual_seed(i)
         return torch.randint(3, 512, (1, 4 + i % 9), generator=g)
-    chat = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
-    return tokenizer.apply_chat_template(
-        chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
+    return chat_ids(tokenizer, QUESTIONS[i % len(QUESTIONS)])
 
 
 def one_round(client, tokenizer, rng: random.Random, i: int) -> None:  # noqa: ANN001
     """A generation, a forward with labels and its backward, on reshuffled routes."""
     for peer in client.swarm.view.rtts:  # vary the routes over both dtypes
         client.swarm.view.rtts[peer] = rng.random()
-    ids = chat_ids(tokenizer, i)
+    ids = question_ids(tokenizer, i)
     client.generate(ids, max_new_tokens=rng.randint(4, 12), do_sample=False)
     embeds = client.get_input_embeddings()(ids).detach().requires_grad_()
     client(inputs_embeds=embeds, labels=ids).loss.backward()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from trustswarm.demo import chat_ids
 from trustswarm.models.runner import BlockRunner
 from trustswarm.models.store import ModelDir
 from trustswarm.protocol.comparator import compare
@@ -59,9 +60,7 @@ def test_steering_the_old_rule_allowed_is_caught_by_the_judge(real, real_model_d
     rule calls it wrong."""
     _, full, parts, bf16, judge = real
     tok = AutoTokenizer.from_pretrained(real_model_dir)
-    chat = [{"role": "user", "content": "Name a colour of the sky on a clear day."}]
-    ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
-                                  return_dict=True)["input_ids"]  # fmt: skip
+    ids = chat_ids(tok, "Name a colour of the sky on a clear day.")
     with torch.inference_mode():
         x = full.forward(parts.embed_tokens(ids).float(), None, None, 0, SPAN[0])
         ref = full.forward(x, None, None, *SPAN)
