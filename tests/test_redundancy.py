@@ -228,7 +228,7 @@ def test_replicas_prefer_distinct_hosts(tiny_model_dir):
     try:
         swarm.start_server(FULL)  # 127.0.0.1, fastest announced
         swarm.start_server(FULL)  # 127.0.0.1
-        other = swarm.start_server(FULL, listen="/ip4/127.0.0.2/tcp/0")
+        other = swarm.start_server(FULL, listen="/ip4/127.0.1.2/tcp/0")  # another /24: another network
         with _client(swarm, tiny_model_dir, 2) as model:
             with model.inference_session(max_length=8) as session:
                 peers = {r.peer for r in session.session.groups[0].replicas}
