@@ -1,10 +1,11 @@
-"""The `trustswarm` command line: `model`, `node`, `verifier`, `reputation`."""
+"""The `trustswarm` command line: `model`, `node`, `verifier`, `reputation`, `health`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from trustswarm.health import cli as health_cli
 from trustswarm.models import cli as model_cli
 from trustswarm.node import cli as node_cli
 from trustswarm.protocol.errors import TrustswarmError, trustswarm_error_in
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a language model across a swarm of untrusted machines.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    health_cli.register(sub)
     model_cli.register(sub)
     node_cli.register(sub)
     reputation_cli.register(sub)

@@ -66,13 +66,16 @@ class SwarmView:
     """Servers we know for one model, with measured RTTs and the bans we hold."""
 
     model_id: str
-    span_digest: Callable[[int, int], str]  # from our manifest; announcements must match
+    # From our manifest; announcements must match. None: no manifest, any weights digest
+    # is accepted (a monitor's view, e.g. the health page; never route with it).
+    span_digest: Callable[[int, int], str] | None
     request_timeout: float = 30.0
     ban_base: float = 15.0
     ban_max: float = 600.0
     servers: dict[str, Announcement] = field(default_factory=dict)
     rtts: dict[str, float] = field(default_factory=dict)
     observed: dict[str, str] = field(default_factory=dict)  # peer id -> remote IP we saw
+    sessions: dict[str, int] = field(default_factory=dict)  # active, per its last info
     bans: dict[str, Ban] = field(default_factory=dict)
     banned_for_session: set[str] = field(default_factory=set)
     # Reputation from trusted verifiers (None: no verifiers configured, no filtering).
@@ -113,12 +116,13 @@ class SwarmView:
         ann = signed.announcement
         if ann.model_id != self.model_id:
             return False
-        try:  # a span outside our model (e.g. 0:40 of 30 blocks) is simply not ours
-            digest = self.span_digest(ann.start, ann.end)
-        except Exception:
-            return False
-        if ann.weights_digest != digest:
-            return False
+        if self.span_digest is not None:
+            try:  # a span outside our model (e.g. 0:40 of 30 blocks) is simply not ours
+                digest = self.span_digest(ann.start, ann.end)
+            except Exception:
+                return False
+            if ann.weights_digest != digest:
+                return False
         if ann.dtype not in DTYPES:  # it could not sign a valid answer
             return False
         current = self.servers.get(ann.peer_id)
@@ -352,6 +356,7 @@ class SwarmClient:
             unreachable.add(peer)
             return
         self.view.rtts[peer] = info.rtt
+        self.view.sessions[peer] = info.active_sessions
         seen = remote_ip(self.host, peer_id)
         if seen:
             self.view.observed[peer] = seen
