@@ -10,15 +10,15 @@ weights (verifier/picking.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
 
 from sqlalchemy import Engine, Float, Integer, String, Text, UniqueConstraint, select
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from .errors import ReputationError
+from .engine import create_tables, lock_or_create, read_sessions, write_sessions
 from .score import BANNED, ScoreModel
 from .store import ServerReputation
 
@@ -48,26 +48,21 @@ class RefusalLedger:
 
     def __init__(self, engine: Engine, model: ScoreModel | None = None) -> None:
         self.model = model or ScoreModel()
-        try:
-            _Base.metadata.create_all(engine)
-        except SQLAlchemyError as exc:
-            raise ReputationError(f"cannot create the refusals table: {exc}") from None
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
-        self._lock = threading.Lock()
+        create_tables(engine, _Base.metadata, "cannot create the refusals table")
+        self._writes = write_sessions(engine)
+        self._reads = read_sessions(engine)
+        # As in ReputationStore: threads queue on SQLite's one writer, rows lock elsewhere.
+        self._lock: contextlib.AbstractContextManager[object] = (
+            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        )
 
     def record(self, peer_id: str, model_id: str, detail: str = "", at: float | None = None) -> float:
         """Count one refused check; returns the server's refusal weight after it."""
         at = time.time() if at is None else float(at)
-        with self._lock, self._sessions.begin() as session:
-            row = session.scalar(
-                select(RefusalRow).where(
-                    RefusalRow.peer_id == peer_id, RefusalRow.model_id == model_id
-                )
-            )
-            if row is None:
-                row = RefusalRow(peer_id=peer_id, model_id=model_id, count=0, weight=0.0)
-                row.weight_at = at
-                session.add(row)
+        with self._lock, self._writes.begin() as session:
+            key = {"peer_id": peer_id, "model_id": model_id}
+            defaults = {"count": 0, "weight": 0.0, "weight_at": at, "last_detail": ""}
+            row = lock_or_create(session, RefusalRow, key, defaults)
             now = max(row.weight_at, at)
             weight = self.model.decay_refusals(row.weight, now - row.weight_at)
             row.weight = weight + self.model.decay_refusals(1.0, now - at)
@@ -79,7 +74,7 @@ class RefusalLedger:
     def weights(self, model_id: str, now: float | None = None) -> dict[str, float]:
         """Every server's decayed refusal weight now (servers never refused: absent)."""
         now = time.time() if now is None else now
-        with self._lock, self._sessions() as session:
+        with self._lock, self._reads() as session:
             rows = session.scalars(select(RefusalRow).where(RefusalRow.model_id == model_id))
             return {
                 row.peer_id: self.model.decay_refusals(row.weight, now - row.weight_at)
@@ -88,7 +83,7 @@ class RefusalLedger:
 
     def weight(self, peer_id: str, model_id: str, now: float | None = None) -> float:
         now = time.time() if now is None else now
-        with self._lock, self._sessions() as session:
+        with self._lock, self._reads() as session:
             row = session.scalar(
                 select(RefusalRow).where(
                     RefusalRow.peer_id == peer_id, RefusalRow.model_id == model_id
@@ -99,7 +94,7 @@ class RefusalLedger:
             return self.model.decay_refusals(row.weight, now - row.weight_at)
 
     def count(self, peer_id: str, model_id: str) -> int:
-        with self._lock, self._sessions() as session:
+        with self._lock, self._reads() as session:
             value = session.scalar(
                 select(RefusalRow.count).where(
                     RefusalRow.peer_id == peer_id, RefusalRow.model_id == model_id

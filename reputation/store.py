@@ -1,6 +1,7 @@
 """A verifier's memory: servers, checks, reports and published records (SQLAlchemy 2.x).
 
-Any SQLAlchemy URL works; the default is a SQLite file. Every write commits before
+Any SQLAlchemy URL works (SQLite file by default; PostgreSQL with the `postgres` extra,
+shared by several verifier processes: see engine.py). Every write commits before
 the call returns, so a verifier that is killed and restarted on the same database
 keeps its whole history, and `next_sequence` never repeats a number (it also never
 falls behind the wall clock in milliseconds, so even a verifier that lost its
@@ -13,111 +14,40 @@ to compute: see score.py for the model.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    Float,
-    Integer,
-    LargeBinary,
-    String,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    event,
-    func,
-    select,
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from .engine import (
+    create_tables,
+    database_url,
+    lock_or_create,
+    open_engine,
+    read_sessions,
+    write_sessions,
 )
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-
-from .errors import ReputationError
 from .records import SignedReputationRecord
 from .score import BANNED, ScoreModel
+from .tables import Base, CheckRow, CounterRow, PublishedRow, ReportRow, ServerRow
+
+__all__ = [
+    "Base",
+    "CheckRow",
+    "CounterRow",
+    "PublishedRow",
+    "ReportRow",
+    "ReputationStore",
+    "ServerReputation",
+    "ServerRow",
+    "database_url",
+]
 
 _TEXT = 512  # longest detail / reason we keep
 DEFAULT_MODEL = ScoreModel()
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class ServerRow(Base):
-    __tablename__ = "servers"
-    __table_args__ = (UniqueConstraint("peer_id", "model_id"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    peer_id: Mapped[str] = mapped_column(String(128), index=True)
-    model_id: Mapped[str] = mapped_column(String(256))
-    first_seen: Mapped[float] = mapped_column(Float)
-    passes: Mapped[int] = mapped_column(Integer, default=0)
-    failures: Mapped[int] = mapped_column(Integer, default=0)
-    pass_weight: Mapped[float] = mapped_column(Float, default=0.0)
-    fail_weight: Mapped[float] = mapped_column(Float, default=0.0)
-    weights_at: Mapped[float] = mapped_column(Float)
-    last_checked: Mapped[float | None] = mapped_column(Float, nullable=True)
-    last_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
-    last_failure_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    start: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    end: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    banned: Mapped[bool] = mapped_column(Boolean, default=False)
-    ban_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
-    ban_proof: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
-    banned_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-
-class CheckRow(Base):
-    __tablename__ = "checks"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    peer_id: Mapped[str] = mapped_column(String(128), index=True)
-    model_id: Mapped[str] = mapped_column(String(256))
-    start: Mapped[int] = mapped_column(Integer)
-    end: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(64))
-    passed: Mapped[bool] = mapped_column(Boolean)
-    detail: Mapped[str] = mapped_column(Text, default="")
-    at: Mapped[float] = mapped_column(Float, index=True)
-
-
-class ReportRow(Base):
-    __tablename__ = "reports"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    reporter: Mapped[str] = mapped_column(String(128), index=True)
-    accused: Mapped[str] = mapped_column(String(128), index=True)
-    model_id: Mapped[str] = mapped_column(String(256))
-    upheld: Mapped[bool] = mapped_column(Boolean)
-    detail: Mapped[str] = mapped_column(Text, default="")
-    at: Mapped[float] = mapped_column(Float, index=True)
-
-
-class PublishedRow(Base):
-    """The newest record this verifier signed per (subject, model)."""
-
-    __tablename__ = "published"
-    __table_args__ = (UniqueConstraint("verifier_id", "subject", "model_id"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    verifier_id: Mapped[str] = mapped_column(String(128))
-    subject: Mapped[str] = mapped_column(String(128))
-    model_id: Mapped[str] = mapped_column(String(256))
-    sequence: Mapped[int] = mapped_column(BigInteger)
-    issued_at: Mapped[float] = mapped_column(Float)
-    expires_at: Mapped[float] = mapped_column(Float)
-    data: Mapped[bytes] = mapped_column(LargeBinary)
-
-
-class CounterRow(Base):
-    __tablename__ = "counters"
-
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[int] = mapped_column(BigInteger)
 
 
 @dataclass(frozen=True)
@@ -140,32 +70,28 @@ class ServerReputation:
     banned_at: float | None = None
 
 
-def database_url(url: str) -> str:
-    """A SQLAlchemy URL; a bare path means a SQLite file."""
-    if "://" in url:
-        return url
-    return f"sqlite:///{Path(url).expanduser()}"
-
-
 class ReputationStore:
-    """Thread-safe (one lock per store); every method commits before it returns."""
+    """Thread-safe, and safe to share with other processes: every write locks the row it
+    changes (engine.py), every method commits before it returns."""
 
     def __init__(
         self, url: str = "sqlite:///verifier.db", model: ScoreModel = DEFAULT_MODEL
     ) -> None:
         self.url = database_url(url)
         self.model = model
+        self.engine = open_engine(self.url)
         try:
-            if self.url.startswith("sqlite:///") and self.url != "sqlite:///:memory:":
-                Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = create_engine(self.url)
-            if self.engine.dialect.name == "sqlite":
-                event.listen(self.engine, "connect", _sqlite_pragmas)
-            Base.metadata.create_all(self.engine)
-        except (ArgumentError, SQLAlchemyError, OSError, ImportError) as exc:
-            raise ReputationError(f"cannot open reputation database {url!r}: {exc}") from None
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._lock = threading.Lock()
+            create_tables(self.engine, Base.metadata, f"cannot open reputation database {url!r}")
+        except BaseException:
+            self.engine.dispose()
+            raise
+        self._writes = write_sessions(self.engine)
+        self._reads = read_sessions(self.engine)
+        # SQLite has one writer per file anyway: threads queue here, not on busy_timeout.
+        # Database servers lock rows, so threads of one store write concurrently there.
+        self._lock: contextlib.AbstractContextManager[object] = (
+            threading.Lock() if self.engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        )
 
     # -- evidence -------------------------------------------------------------------
 
@@ -183,7 +109,7 @@ class ReputationStore:
         """Count one compared spot-check. Call only after the comparison is done."""
         at = time.time() if at is None else float(at)
         detail = detail[:_TEXT]
-        with self._lock, self._sessions.begin() as session:
+        with self._lock, self._writes.begin() as session:
             row = self._server(session, peer_id, model_id, at)
             pass_weight, fail_weight = self._decayed(row, at)
             age = max(0.0, row.weights_at - at)  # a check older than the weights decays
@@ -228,7 +154,7 @@ class ReputationStore:
         """Remember a fraud report (upheld or not). It changes nothing about the accused:
         an upheld report leads the verifier to call `ban` with the proof."""
         at = time.time() if at is None else float(at)
-        with self._lock, self._sessions.begin() as session:
+        with self._lock, self._writes.begin() as session:
             session.add(
                 ReportRow(
                     reporter=reporter,
@@ -243,7 +169,7 @@ class ReputationStore:
     def ban(self, peer_id: str, model_id: str, reason: str, proof: bytes = b"") -> ServerReputation:
         """Proven fraud: ban this identity for good (the first ban's reason and proof stay)."""
         now = time.time()
-        with self._lock, self._sessions.begin() as session:
+        with self._lock, self._writes.begin() as session:
             row = self._server(session, peer_id, model_id, now)
             if not row.banned:
                 row.banned = True
@@ -257,7 +183,7 @@ class ReputationStore:
 
     def get(self, peer_id: str, model_id: str, now: float | None = None) -> ServerReputation | None:
         now = time.time() if now is None else now
-        with self._lock, self._sessions() as session:
+        with self._lock, self._reads() as session:
             row = session.scalar(
                 select(ServerRow).where(
                     ServerRow.peer_id == peer_id, ServerRow.model_id == model_id
@@ -270,11 +196,11 @@ class ReputationStore:
         query = select(ServerRow).order_by(ServerRow.model_id, ServerRow.peer_id)
         if model_id is not None:
             query = query.where(ServerRow.model_id == model_id)
-        with self._lock, self._sessions() as session:
+        with self._lock, self._reads() as session:
             return [self._view(row, now) for row in session.scalars(query)]
 
     def ban_proof(self, peer_id: str, model_id: str) -> bytes | None:
-        with self._lock, self._sessions() as session:
+        with self._lock, self._reads() as session:
             return session.scalar(
                 select(ServerRow.ban_proof).where(
                     ServerRow.peer_id == peer_id, ServerRow.model_id == model_id
@@ -286,12 +212,12 @@ class ReputationStore:
         query = select(CheckRow).order_by(CheckRow.at.desc(), CheckRow.id.desc()).limit(limit)
         if peer_id is not None:
             query = query.where(CheckRow.peer_id == peer_id)
-        with self._lock, self._sessions() as session:
+        with self._lock, self._reads() as session:
             return list(session.scalars(query))
 
     def reports_since(self, reporter: str, since: float) -> int:
         """How many reports `reporter` filed at or after `since` (for rate limiting)."""
-        with self._lock, self._sessions() as session:
+        with self._lock, self._reads() as session:
             return int(
                 session.scalar(
                     select(func.count(ReportRow.id)).where(
@@ -306,36 +232,27 @@ class ReputationStore:
     def next_sequence(self) -> int:
         """A number larger than every one returned before, also across restarts."""
         now_ms = int(time.time() * 1000)
-        with self._lock, self._sessions.begin() as session:
-            counter = session.get(CounterRow, "sequence", with_for_update=True)
-            if counter is None:
-                counter = CounterRow(name="sequence", value=0)
-                session.add(counter)
+        with self._lock, self._writes.begin() as session:
+            counter = lock_or_create(session, CounterRow, {"name": "sequence"}, {"value": 0})
             counter.value = max(counter.value + 1, now_ms)
             return counter.value
 
     def save_published(self, record: SignedReputationRecord) -> None:
         """Keep the newest signed record per (verifier, subject, model) for re-publishing."""
         rec = record.record
-        with self._lock, self._sessions.begin() as session:
-            row = session.scalar(
-                select(PublishedRow).where(
-                    PublishedRow.verifier_id == rec.verifier_id,
-                    PublishedRow.subject == rec.subject,
-                    PublishedRow.model_id == rec.model_id,
-                )
-            )
-            if row is None:
-                row = PublishedRow(
-                    verifier_id=rec.verifier_id, subject=rec.subject, model_id=rec.model_id
-                )
-                session.add(row)
-            elif row.sequence > rec.sequence:
+        with self._lock, self._writes.begin() as session:
+            key = {"verifier_id": rec.verifier_id, "subject": rec.subject, "model_id": rec.model_id}
+            values = {
+                "sequence": rec.sequence,
+                "issued_at": rec.issued_at,
+                "expires_at": rec.expires_at,
+                "data": record.to_bytes(),
+            }
+            row = lock_or_create(session, PublishedRow, key, values)
+            if row.sequence > rec.sequence:
                 return  # never replace a newer record with an older one
-            row.sequence = rec.sequence
-            row.issued_at = rec.issued_at
-            row.expires_at = rec.expires_at
-            row.data = record.to_bytes()
+            for name, value in values.items():
+                setattr(row, name, value)
 
     def published(
         self, model_id: str | None = None, now: float | None = None
@@ -346,7 +263,7 @@ class ReputationStore:
         if model_id is not None:
             query = query.where(PublishedRow.model_id == model_id)
         out = []
-        with self._lock, self._sessions() as session:
+        with self._lock, self._reads() as session:
             for row in session.scalars(query.order_by(PublishedRow.subject)):
                 try:
                     out.append(SignedReputationRecord.from_bytes(row.data))
@@ -366,23 +283,18 @@ class ReputationStore:
     # -- internals ------------------------------------------------------------------
 
     def _server(self, session: Session, peer_id: str, model_id: str, at: float) -> ServerRow:
-        row = session.scalar(
-            select(ServerRow).where(ServerRow.peer_id == peer_id, ServerRow.model_id == model_id)
-        )
-        if row is None:
-            row = ServerRow(
-                peer_id=peer_id,
-                model_id=model_id,
-                first_seen=at,
-                passes=0,
-                failures=0,
-                pass_weight=0.0,
-                fail_weight=0.0,
-                weights_at=at,
-                banned=False,
-            )
-            session.add(row)
-        return row
+        """The server's row, locked until the transaction ends (created if new)."""
+        defaults = {
+            "first_seen": at,
+            "passes": 0,
+            "failures": 0,
+            "pass_weight": 0.0,
+            "fail_weight": 0.0,
+            "weights_at": at,
+            "banned": False,
+        }
+        key = {"peer_id": peer_id, "model_id": model_id}
+        return lock_or_create(session, ServerRow, key, defaults)
 
     def _decayed(self, row: ServerRow, now: float) -> tuple[float, float]:
         age = now - row.weights_at
@@ -408,10 +320,3 @@ class ReputationStore:
             end=row.end,
             banned_at=row.banned_at,
         )
-
-
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DBAPI hook
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers (the CLI) do not block the verifier
-    cursor.execute("PRAGMA busy_timeout=5000")
-    cursor.close()

@@ -171,8 +171,8 @@ def test_pick_input_is_validated() -> None:
 # -- the ledger --------------------------------------------------------------------------
 
 
-def test_ledger_decays_persists_and_discounts(tmp_path) -> None:
-    url = f"sqlite:///{tmp_path / 'v.db'}"
+def test_ledger_decays_persists_and_discounts(store_url: str) -> None:
+    url = store_url  # a SQLite file, then a real PostgreSQL database
     store = ReputationStore(url)
     ledger = RefusalLedger(store.engine, store.model)
     now = 1_000_000.0

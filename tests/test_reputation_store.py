@@ -1,4 +1,6 @@
-"""ReputationStore: SQLAlchemy-backed, restart-safe verifier history."""
+"""ReputationStore: SQLAlchemy-backed, restart-safe verifier history. The tests taking
+`store_url` run twice: on a SQLite file and on a real PostgreSQL server
+(tests/fixtures_postgres.py)."""
 
 from __future__ import annotations
 
@@ -19,10 +21,6 @@ SERVER_A = str(Identity.generate().peer_id)
 SERVER_B = str(Identity.generate().peer_id)
 
 
-def url_of(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'rep' / 'verifier.db'}"
-
-
 def make_record(sequence: int, subject: str = SERVER_A, score: float = 0.9) -> ReputationRecord:
     now = time.time()
     return ReputationRecord(
@@ -41,8 +39,8 @@ def make_record(sequence: int, subject: str = SERVER_A, score: float = 0.9) -> R
     )
 
 
-def test_checks_scores_and_states(tmp_path: Path) -> None:
-    with ReputationStore(url_of(tmp_path)) as store:
+def test_checks_scores_and_states(store_url: str) -> None:
+    with ReputationStore(store_url) as store:
         assert store.get(SERVER_A, MODEL) is None
         t0 = 1_000_000.0
         rep = store.record_check(SERVER_A, MODEL, 0, 4, "forward", True, at=t0)
@@ -68,8 +66,8 @@ def test_checks_scores_and_states(tmp_path: Path) -> None:
         assert store.all("another") == []
 
 
-def test_ban_is_permanent(tmp_path: Path) -> None:
-    with ReputationStore(url_of(tmp_path)) as store:
+def test_ban_is_permanent(store_url: str) -> None:
+    with ReputationStore(store_url) as store:
         store.record_check(SERVER_B, MODEL, 0, 4, "forward", True)
         rep = store.ban(SERVER_B, MODEL, "signed a wrong answer", proof=b"evidence")
         assert rep.state == BANNED and rep.score == 0.0
@@ -81,8 +79,8 @@ def test_ban_is_permanent(tmp_path: Path) -> None:
         assert store.ban_proof(SERVER_B, MODEL) == b"evidence"
 
 
-def test_reports_rate_limit_window(tmp_path: Path) -> None:
-    with ReputationStore(url_of(tmp_path)) as store:
+def test_reports_rate_limit_window(store_url: str) -> None:
+    with ReputationStore(store_url) as store:
         for i in range(3):
             store.record_report("client", SERVER_A, MODEL, upheld=False, detail="x", at=100.0 + i)
         store.record_report("other", SERVER_A, MODEL, upheld=True, detail="y", at=101.0)
@@ -93,8 +91,8 @@ def test_reports_rate_limit_window(tmp_path: Path) -> None:
         assert store.get(SERVER_A, MODEL) is None
 
 
-def test_restart_keeps_everything(tmp_path: Path) -> None:
-    url = url_of(tmp_path)
+def test_restart_keeps_everything(store_url: str) -> None:
+    url = store_url
     store = ReputationStore(url)
     store.record_check(SERVER_A, MODEL, 0, 4, "forward", True, at=50.0)
     store.record_check(SERVER_A, MODEL, 0, 4, "forward", False, detail="bad", at=60.0)
@@ -117,8 +115,8 @@ def test_restart_keeps_everything(tmp_path: Path) -> None:
     reopened.close()
 
 
-def test_published_keeps_newest(tmp_path: Path) -> None:
-    with ReputationStore(url_of(tmp_path)) as store:
+def test_published_keeps_newest(store_url: str) -> None:
+    with ReputationStore(store_url) as store:
         newer = sign_record(VERIFIER, make_record(20, score=0.7))
         older = sign_record(VERIFIER, make_record(10, score=0.9))
         store.save_published(newer)
