@@ -17,12 +17,13 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_verifier_prints_its_address_checks_the_node_and_stops_cleanly(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, store_url: str
 ):
+    """`--db` a SQLite file, then `postgresql+psycopg://` on a real server."""
     swarm = LocalSwarm(tiny_model_dir)  # the node in-process; the verifier as a user runs it
     try:
         node = swarm.start_server((0, 6))
-        key, db = tmp_path / "verifier.key", f"sqlite:///{tmp_path / 'verifier.db'}"
+        key, db = tmp_path / "verifier.key", store_url
         verifier, addr = launch(
             "verifier", "start", "--model", str(tiny_model_dir), "--identity", str(key),
             "--db", db, "--initial-peers", node.addrs[0], "--check-every", "0.2",

@@ -73,14 +73,15 @@ def dht_record(swarm: LocalSwarm, key: str) -> SignedReputationRecord | None:
     return swarm.loop.run(run)
 
 
-def test_restart_keeps_history_and_publishing(tiny_model_dir: Path, tmp_path: Path):
+def test_restart_keeps_history_and_publishing(tiny_model_dir: Path, store_url: str):
+    """On a SQLite file and on a real PostgreSQL database (tests/fixtures_postgres.py)."""
     swarm = LocalSwarm(tiny_model_dir)
     try:
         servers = [swarm.start_server((0, 3)), swarm.start_server((3, 6))]
         received: list[SignedReputationRecord] = []
         collector = collect_gossip(swarm, received)
         identity = Identity.generate()
-        db = f"sqlite:///{tmp_path / 'verifier.db'}"
+        db = store_url
         model_id = swarm.model_dir.manifest.model_id
 
         first = start_verifier(swarm, db, CONFIG, identity=identity, seed=1)
