@@ -53,8 +53,16 @@ def number(value: float | int | None, digits: int = 3) -> str:
         return "> 1e308" if value > 0 else "< -1e308"
 
 
+def as_float(value: float | int) -> float:
+    """A float for arithmetic; ints beyond any float become ±inf."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def seconds_ago(then: float, now: float) -> str:
-    age = now - then
+    age = as_float(now) - as_float(then)
     if not math.isfinite(age):
         return "—"
     if age < 0:
@@ -109,7 +117,7 @@ def verifier_cell(records: tuple[VerifierRecord, ...], verifier_id: str, now: fl
 
 
 def server_tr(row: ServerRow, model: ModelHealth, verifiers: tuple[str, ...], now: float) -> str:
-    rtt = None if row.rtt is None else row.rtt * 1000.0
+    rtt = None if row.rtt is None else as_float(row.rtt) * 1000.0
     reason = f'<div class="reason">{esc(row.ban_reason)}</div>' if row.ban_reason else ""
     cells = [
         f'<td class="mono" title="{esc(row.peer_id)}">{esc(short_id(row.peer_id))}</td>',
@@ -178,7 +186,7 @@ def _ranges(blocks: list[int]) -> str:
 
 def render_page(snapshot: SwarmSnapshot, now: float | None = None) -> str:
     now = time.time() if now is None else now
-    refresh = snapshot.refresh_seconds
+    refresh = as_float(snapshot.refresh_seconds)
     refresh_text = str(max(1, min(3600, round(refresh)))) if math.isfinite(refresh) else "30"
     verifiers = snapshot.trusted_verifiers
     trust = (
