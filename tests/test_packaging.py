@@ -193,9 +193,8 @@ import importlib, pathlib, pkgutil, sys
 import trustswarm
 root = pathlib.Path(sys.argv[1]).resolve()
 names = ["trustswarm"] + [m.name for m in pkgutil.walk_packages(trustswarm.__path__, "trustswarm.")]
+names = [name for name in names if not name.endswith("__main__")]  # that one runs the CLI
 for name in names:
-    if name.endswith("__main__"):
-        continue
     module = importlib.import_module(name)
     if not pathlib.Path(module.__file__).resolve().is_relative_to(root):
         raise SystemExit(f"{name} imported from {module.__file__}, not the wheel")
