@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from trustswarm.api import cli as api_cli
 from trustswarm.health import cli as health_cli
 from trustswarm.models import cli as model_cli
 from trustswarm.node import cli as node_cli
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a language model across a swarm of untrusted machines.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    api_cli.register(sub)
     health_cli.register(sub)
     model_cli.register(sub)
     node_cli.register(sub)

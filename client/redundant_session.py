@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trustswarm.protocol.errors import SwarmError
-from trustswarm.protocol.evidence import Evidence
+from trustswarm.protocol.evidence import DisagreementReport, Evidence
 
 from .agreement import Answer, RedundantCall
 from .redundant import choose_replicas
@@ -59,6 +59,13 @@ class RedundantInferenceSession(InferenceSession):
                         f"could open a session for blocks {start}:{end}"
                     )
                 group.replicas.append(replica)
+
+    def servers(self) -> list[tuple[int, int, list[str]]]:
+        return [(g.start, g.end, [r.peer for r in g.replicas]) for g in self.groups]
+
+    def _report(self, report: DisagreementReport) -> None:
+        self.disagreements.append(report)
+        self.swarm.view.report_disagreement(report)
 
     async def close(self) -> None:
         for group in self.groups:
@@ -139,7 +146,7 @@ class RedundantInferenceSession(InferenceSession):
             ask=ask,
             spare=spare,
             fail=fail,
-            report=self.swarm.view.report_disagreement,
+            report=self._report,
             logits=self.head.for_span(group.end) if self.head is not None else None,
             local=local
             if self.reference is not None and self.reference.has(group.start, group.end)

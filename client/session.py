@@ -19,7 +19,7 @@ from libp2p.peer.id import ID
 from trustswarm.protocol import protocols
 from trustswarm.protocol.codec import Message
 from trustswarm.protocol.errors import ProtocolError, SwarmError
-from trustswarm.protocol.evidence import SignedExchange
+from trustswarm.protocol.evidence import DisagreementReport, SignedExchange
 from trustswarm.protocol.framing import raise_if_error, receive_message, send_message
 from trustswarm.protocol.sessions import (
     SessionChain,
@@ -114,10 +114,18 @@ class InferenceSession:
     length: int = 0
     mask: torch.Tensor | None = None
     failures: int = 0
+    audits: int = 0  # hop transcripts of this session drawn for an audit
+    # Disagreements between this session's replicas (redundant sessions only).
+    disagreements: list[DisagreementReport] = field(default_factory=list)
 
     @property
     def timeout(self) -> float:
         return self.swarm.view.request_timeout
+
+    def servers(self) -> list[tuple[int, int, list[str]]]:
+        """(start, end, peer ids) of each span of blocks, as this session runs it now
+        (one peer per hop here; a redundant session lists its replicas)."""
+        return [(hop.call.start, hop.call.end, [hop.peer]) for hop in self.hops]
 
     async def open(self) -> None:
         self.hops = await self._open_route(self.start, self.end)
@@ -146,7 +154,8 @@ class InferenceSession:
         transcript up to its last answered step for an audit (the draw happens now)."""
         if not hop.ended:
             hop.ended = True
-            self.swarm.audit(hop.transcript)
+            if self.swarm.audit(hop.transcript):
+                self.audits += 1
 
     def client_part(self) -> str:
         """Our half of each hop's session id (the server adds the other half)."""

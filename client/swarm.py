@@ -287,11 +287,13 @@ class SwarmClient:
                         except Exception as exc:  # keep the old view; try again later
                             log.warning("refreshing the swarm view failed: %s", exc)
 
-    def audit(self, exchanges: Sequence[SignedExchange]) -> None:
+    def audit(self, exchanges: Sequence[SignedExchange]) -> bool:
         """An exchange with one server has ended (one answer, or one hop's session
-        transcript): offer it for an audit. Never waits; a no-op without an auditor."""
+        transcript): offer it for an audit. Never waits; a no-op without an auditor.
+        True when it was drawn for an audit (queued for the verifiers)."""
         if self.auditor is not None and exchanges:
-            self.auditor.offer(Evidence(tuple(exchanges)))
+            return self.auditor.offer(Evidence(tuple(exchanges)))
+        return False
 
     async def _send_reports(self, every: float = 0.5) -> None:
         """Send each disagreement report to every verifier we report to (best effort:
