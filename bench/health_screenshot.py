@@ -61,7 +61,7 @@ def main() -> int:
                     break
                 time.sleep(1.0)
             time.sleep(4.0)  # a fresh snapshot with every RTT measured
-            env.web = serve_web(env.collector)
+            env.web = serve_web(lambda: env.collector.latest)
             driver.get(env.web.url)
             height = driver.execute_script("return document.documentElement.scrollHeight")
             driver.set_window_size(1500, int(height) + 40)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,10 +84,11 @@ class WebServer:
         self.thread.join(timeout=10)
 
 
-def serve_web(collector: HealthCollector, listen: str = "127.0.0.1:0") -> WebServer:
+def serve_web(source: Callable[[], SwarmSnapshot | None], listen: str = "127.0.0.1:0") -> WebServer:
+    """The health app on `source`'s snapshots (e.g. a collector's latest)."""
     sock = bind(listen)
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(health_app(lambda: collector.latest), log_level="warning")
+    config = uvicorn.Config(health_app(source), log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="health-web", daemon=True

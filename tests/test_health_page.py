@@ -45,7 +45,7 @@ def test_health_page_in_a_browser(tiny_model_dir: Path, tmp_path: Path):
         cheat = env.cheat.peer_id
         snapshot = wait_for(env.collector, servers=4, banned=[cheat], timeout=60)
         settled = time.monotonic() - began
-        env.web = serve_web(env.collector)
+        env.web = serve_web(lambda: env.collector.latest)
         model = snapshot.models[0]
         assert model.status == HEALTHY and model.num_blocks == 6
         assert min(model.coverage) >= 2  # the cheater is not counted

@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 import math
 import time
+import urllib.error
+import urllib.request
 from html.parser import HTMLParser
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.testclient import TestClient
 
 from trustswarm.client.swarm import SwarmView
 from trustswarm.client.trust import TrustView
-from trustswarm.health.app import health_app
 from trustswarm.health.metrics import MAX_LABEL, metrics_registry, render_metrics
 from trustswarm.health.render import number, render_page
 from trustswarm.health.state import (
@@ -30,6 +30,7 @@ from trustswarm.health.state import (
 from trustswarm.protocol.announcement import Announcement, sign_announcement
 from trustswarm.protocol.identity import Identity
 from trustswarm.reputation.records import ReputationRecord, sign_record
+from trustswarm.testing.health_env import serve_web
 
 HOSTILE = '<script>alert("x")</script>&"\'<img src=x onerror=alert(1)>'
 # Every tag the renderer writes: anything else in the page came from a peer.
@@ -183,9 +184,22 @@ def test_empty_swarm_renders_everywhere():
     assert "no initial peer answered" in page
     assert snapshot.to_json()["models"] == []
     assert b"trustswarm_model_healthy" in render_metrics(metrics_registry(lambda: snapshot))
-    client = TestClient(health_app(lambda: None))
-    assert client.get("/").status_code == 503  # before the first snapshot
-    assert client.get("/metrics").status_code == 200
+    web = serve_web(lambda: None)  # before the first snapshot
+    try:
+        assert _fetch(web.url)[0] == 503
+        assert _fetch(web.url + "metrics")[0] == 200
+    finally:
+        web.stop()
+
+
+def _fetch(url: str) -> tuple[int, dict[str, str], str]:
+    """Status, headers (lower-case names) and body of a GET on the loopback app."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+            status, headers, body = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        status, headers, body = exc.code, exc.headers, exc.read()
+    return status, {k.lower(): v for k, v in headers.items()}, body.decode()
 
 
 def _signed(identity: Identity, model_id: str, span: tuple[int, int], **fields: object):
@@ -239,18 +253,20 @@ def test_hostile_swarm_view_to_page():
     assert rows[other].banned and HOSTILE in rows[other].ban_reason
     assert rows[honest].state == "ok" and rows[honest].score == 0.9
     snapshot = SwarmSnapshot(time.time(), 5.0, (str(verifier.peer_id),), (health,))
-    client = TestClient(health_app(lambda: snapshot))
-    response = client.get("/")
-    assert response.status_code == 200
-    assert "default-src 'none'" in response.headers["content-security-policy"]
-    page = response.text
+    web = serve_web(lambda: snapshot)
+    try:
+        status, headers, page = _fetch(web.url)
+        state = json.loads(_fetch(web.url + "api/v1/state")[2])
+        metrics = _fetch(web.url + "metrics")[2]
+    finally:
+        web.stop()
+    assert status == 200
+    assert "default-src 'none'" in headers["content-security-policy"]
     assert "<script" not in page and _escaped(HOSTILE) in page
     assert _tags(page).tags <= OUR_TAGS
     assert page.count("data-peer=") == 4 and "12.3" in page  # RTT in ms
-    state = client.get("/api/v1/state").json()
     assert state["models"][0]["model_id"] == HOSTILE
     assert {s["peer_id"]: s["banned"] for s in state["models"][0]["servers"]}[cheat] is True
-    metrics = client.get("/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(metrics)}
     banned = {s.labels["peer_id"]: s.value for s in families["trustswarm_server_banned"].samples}
     assert banned[cheat] == 1.0 and banned[honest] == 0.0
