@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="source",
         type=Path,
         default=None,
-        help="a .gguf file or a local HF model dir (default: the bundled SmolLM2-135M-Instruct)",
+        help="a .gguf file or a local HF model dir with safetensors weights; pickle checkpoints "
+        "(pytorch_model.bin, *.pt, *.pth, *.ckpt) are refused (default: the bundled "
+        "SmolLM2-135M-Instruct)",
     )
     imp.add_argument(
         "--name", default=None, help="human name in the model id (default: from source)"

@@ -77,6 +77,7 @@ def _hf_progress(enabled: bool) -> Iterator[None]:
 
 def _load_source(source: Path) -> tuple[PreTrainedModel, object | None, str]:
     """Load (model, tokenizer or None, human name) from a .gguf file or a local HF dir."""
+    _refuse_pickle_checkpoints(source)
     try:
         if source.is_file() and source.suffix.lower() == ".gguf":
             folder, name = source.parent, source.name
@@ -87,7 +88,6 @@ def _load_source(source: Path) -> tuple[PreTrainedModel, object | None, str]:
             # "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"
             return model, tokenizer, source.name.split(".")[0]
         if source.is_dir():
-            _refuse_pickle_checkpoints(source)
             # safetensors only: a pickle checkpoint can run code when it is loaded.
             model = AutoModelForCausalLM.from_pretrained(
                 source, local_files_only=True, dtype="auto", use_safetensors=True
@@ -101,19 +101,38 @@ def _load_source(source: Path) -> tuple[PreTrainedModel, object | None, str]:
     raise ModelDirError(f"source must be a .gguf file or a model directory: {source}")
 
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Pickle checkpoints: `torch.load` of them can run code. Only safetensors are loaded.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_CONVERT_HINT = (
+    "Convert it to safetensors on a machine you trust, then import that directory, e.g. "
+    "python -c \"from transformers import AutoModelForCausalLM as M; "
+    "M.from_pretrained('{src}').save_pretrained('{src}-safetensors')\" "
+    "(and copy the tokenizer files next to it)"
+)
+
+
+def _pickle_error(path: Path, others: int = 0) -> ModelDirError:
+    more = f" (and {others} more pickle file{'s' * (others > 1)})" if others else ""
+    return ModelDirError(
+        f"refusing to load {path}{more}: a pickle checkpoint, and loading pickle can run "
+        f"arbitrary code; only safetensors weights are imported. "
+        + _CONVERT_HINT.format(src=path.parent)
+    )
 
 
 def _refuse_pickle_checkpoints(source: Path) -> None:
-    """A directory whose weights exist only as pickle files is refused with a clear error."""
+    """A pickle file, or a directory whose weights exist only as pickle files (HF's legacy
+    pytorch_model.bin, *.pt, *.pth, *.ckpt), is refused with a clear error. Pickle files
+    next to safetensors weights are never read (`use_safetensors=True`)."""
+    if source.is_file():
+        if source.suffix.lower() in _PICKLE_SUFFIXES:
+            raise _pickle_error(source)
+        return
     if any(source.glob("*.safetensors")):
         return
-    pickles = sorted(p.name for p in source.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+    pickles = sorted(p for p in source.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
     if pickles:
-        raise ModelDirError(
-            f"{source} holds only pickle checkpoints ({', '.join(pickles[:3])}); loading them "
-            "can run code. Convert them to safetensors on a machine you trust first."
-        )
+        raise _pickle_error(pickles[0], len(pickles) - 1)
 
 
 def _parts(

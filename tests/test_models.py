@@ -287,18 +287,3 @@ def test_real_model_reassembles_gguf_logits(real_model_dir: Path, real_hf_model)
     torch.testing.assert_close(logits, ref, rtol=0, atol=1e-4)
     assert tok.decode(logits[0, -1].argmax()) == tok.decode(ref[0, -1].argmax())
 
-
-def test_import_refuses_pickle_checkpoints(tmp_path: Path) -> None:
-    """A Hugging Face directory with only a pickle checkpoint is refused (loading pickle
-    can run code); its safetensors twin imports."""
-    hf = make_tiny_hf_dir(tmp_path / "safe", num_layers=2)
-    model = AutoModelForCausalLM.from_pretrained(hf, local_files_only=True)
-    pickled = tmp_path / "pickled"
-    shutil.copytree(hf, pickled)
-    for weights in pickled.glob("*.safetensors"):
-        weights.unlink()
-    torch.save(model.state_dict(), pickled / "pytorch_model.bin")  # the legacy format
-    with pytest.raises(ModelDirError, match="pickle"):
-        import_model(tmp_path / "out", source=pickled, progress=False)
-    assert not (tmp_path / "out").exists()
-    import_model(tmp_path / "ok", source=hf, progress=False)
