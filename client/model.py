@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import trio
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from trustswarm.models.store import ModelDir
 from trustswarm.protocol.evidence import DisagreementReport
@@ -18,7 +18,12 @@ from trustswarm.protocol.transport import make_host
 
 from .audits import DEFAULT_AUDIT_RATE, check_audit_rate, make_auditor
 from .autograd import RemoteBlocks
-from .generation import generate as _generate
+from .generation import (
+    GenerationArgumentError,
+    SwarmCache,
+    SwarmGenerationMixin,
+    load_generation_config,
+)
 from .loop import BackgroundLoop
 from .ptune import PromptedSession, SoftPrompt, check_tuning_options
 from .redundant_session import RedundantInferenceSession
@@ -32,10 +37,8 @@ from .vote_head import VoteHead
 log = logging.getLogger("trustswarm.client")
 
 
-@dataclass
-class CausalLMOutput:
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
+# `logits`, `loss` and (in generate) `past_key_values`: a transformers ModelOutput.
+CausalLMOutput = CausalLMOutputWithPast
 
 
 def check_redundancy(redundancy: int) -> int:
@@ -50,11 +53,14 @@ def default_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
-class DistributedModelForCausalLM(nn.Module):
+class DistributedModelForCausalLM(SwarmGenerationMixin, nn.Module):
     """A causal LM whose transformer blocks run on remote servers.
 
-    `forward` and `generate` follow Hugging Face conventions; the network runs in a
-    background thread, so the API is synchronous. Call `close()` (or use `with`).
+    `forward` follows Hugging Face conventions and `generate` is transformers'
+    (`GenerationMixin`, with the swarm's inference session behind the cache: see
+    `trustswarm.client.generation`); it works in `pipeline("text-generation")`. The
+    network runs in a background thread, so the API is synchronous. Call `close()`
+    (or use `with`).
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class DistributedModelForCausalLM(nn.Module):
         parts = model_dir.load_client_parts(dtype)
         self.model_dir = model_dir
         self.config = model_dir.config
+        self.generation_config = load_generation_config(model_dir.path, model_dir.config)
         self.embed_tokens = parts.embed_tokens
         self.norm = parts.norm
         self.lm_head = parts.lm_head
@@ -205,11 +212,23 @@ class DistributedModelForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        past_key_values: SwarmCache | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
+        """Logits of every token (a plain pass through the swarm, differentiable); with
+        `past_key_values` (a SwarmCache, as `generate` passes it) only the new tokens run,
+        through the cache's inference session. `use_cache` and `return_dict` are accepted
+        for transformers' sake; `logits_to_keep=n` keeps the last n positions' logits."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if past_key_values is not None:
+            return self._cached_forward(
+                past_key_values, inputs_embeds, attention_mask, position_ids, labels, logits_to_keep
+            )
         batch, tokens = inputs_embeds.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch, tokens, dtype=torch.long)
@@ -232,7 +251,39 @@ class DistributedModelForCausalLM(nn.Module):
                 labels[:, 1:].reshape(-1),
                 ignore_index=-100,
             )
-        return CausalLMOutput(logits=logits[:, prompt_len:], loss=loss)
+        logits = logits[:, prompt_len:]
+        return CausalLMOutput(logits=logits[:, -logits_to_keep:], loss=loss)
+
+    def _cached_forward(
+        self,
+        cache: SwarmCache,
+        embeds: torch.Tensor,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        logits_to_keep: int,
+    ) -> CausalLMOutput:
+        if not isinstance(cache, SwarmCache):
+            raise GenerationArgumentError(
+                f"past_key_values must be a SwarmCache (the servers hold the KV cache), "
+                f"got {type(cache).__name__}"
+            )
+        if labels is not None:
+            raise GenerationArgumentError("labels cannot be combined with past_key_values")
+        rows, new = embeds.shape[:2]
+        total = cache.get_seq_length() + new
+        if mask is None:
+            mask = torch.ones(rows, total, dtype=torch.long)
+        if mask.shape != (rows, total):
+            raise GenerationArgumentError(
+                f"attention_mask must cover the {total} tokens so far, got {list(mask.shape)}"
+            )
+        if positions is None:
+            positions = default_positions(mask)[:, -new:]
+        with torch.no_grad():
+            hidden = cache.step(embeds, positions, mask.long())
+            logits = self.logits_of(hidden[:, -logits_to_keep:])
+        return CausalLMOutput(logits=logits, past_key_values=cache)
 
     # -- inference ------------------------------------------------------------------
 
@@ -256,14 +307,13 @@ class DistributedModelForCausalLM(nn.Module):
                 *args, redundancy=k, reference=self.reference, head=self.vote_head
             )
         )
-        self.run_async(session.open)
+        try:
+            self.run_async(session.open)
+        except BaseException:
+            self.run_async(session.close)  # replicas opened before the failure
+            raise
         sync = SyncInferenceSession(self, session)
         return sync if self.soft_prompt is None else self.soft_prompt.wrap_session(sync)
-
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        """Hugging Face-style generate: greedy or sampling, max_new_tokens, attention_mask."""
-        return _generate(self, input_ids, **kwargs)
 
     def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden.to(self.norm.weight.dtype))).float()

@@ -243,6 +243,8 @@ class KillFirstHop:
         self.swarm, self.after, self.seen, self.killed = swarm, after, 0, None
 
     def put(self, tokens: torch.Tensor) -> None:
+        if tokens.dim() == 2:  # the prompt: transformers' generate streams it first
+            return
         self.seen += 1
         if self.seen == self.after:
             first = [

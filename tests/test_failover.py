@@ -23,6 +23,8 @@ class KillAfter:
         self.swarm, self.n, self.seen, self.killed = swarm, n, 0, None
 
     def put(self, tokens: torch.Tensor) -> None:
+        if tokens.dim() == 2:  # the prompt: transformers' generate streams it first
+            return
         self.seen += 1
         if self.seen == self.n:
             busy = [s for s in self.swarm.servers if s.alive and s.server.ctx.active_sessions]
