@@ -74,7 +74,7 @@ def swarm_failure(exc: BaseException) -> GenerationFailure:
     return GenerationFailure(f"the swarm could not serve this request: {exc}")
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity: the capacity limiter's borrower
 class GenerationJob:
     """One request's generation: open (a session), run (decode), cancel (from any thread)."""
 
