@@ -128,7 +128,7 @@ def _refuse_pickle_checkpoints(source: Path) -> None:
         if source.suffix.lower() in _PICKLE_SUFFIXES:
             raise _pickle_error(source)
         return
-    if any(source.glob("*.safetensors")):
+    if not source.is_dir() or any(source.glob("*.safetensors")):
         return
     pickles = sorted(p for p in source.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
     if pickles:
