@@ -18,7 +18,7 @@ from trustswarm.reputation.store import ReputationStore
 pytestmark = pytest.mark.timeout(120)
 
 MODEL = "tiny/model"
-PROCESSES, THREADS, ROUNDS = 4, 3, 15
+PROCESSES, THREADS, ROUNDS = 3, 3, 15
 WRITER = Path(__file__).with_name("store_writer.py")
 
 
