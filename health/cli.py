@@ -7,6 +7,7 @@ import logging
 import socket
 import sys
 from pathlib import Path
+from types import FrameType
 
 from .errors import HealthError
 
@@ -107,6 +108,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     health.set_defaults(func=run_health)
 
 
+def _server_class():  # noqa: ANN202 - a uvicorn.Server subclass (uvicorn imported late)
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """Ctrl-C / SIGTERM end the page cleanly with exit status 0 (uvicorn itself
+        re-raises the signal after its shutdown, so the cleanup after it never ran)."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            self.force_exit = self.should_exit  # a second Ctrl-C does not wait
+            self.should_exit = True
+
+    return Server
+
+
 def run_health(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.getLevelName(args.log_level),
@@ -139,7 +154,7 @@ def run_health(args: argparse.Namespace) -> int:
     print(f"http://{host}:{port}/", flush=True)
     config = uvicorn.Config(health_app(lambda: collector.latest), log_level="warning")
     try:
-        uvicorn.Server(config).run(sockets=[sock])  # returns on Ctrl-C / SIGTERM
+        _server_class()(config).run(sockets=[sock])  # returns on Ctrl-C / SIGTERM
     finally:
         collector.close()
         sock.close()

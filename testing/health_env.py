@@ -26,7 +26,9 @@ CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMEDRIVER_PATHS = ("/usr/bin/chromedriver",)
 # Checks often enough that the cheater (tampering every answer) is banned in seconds.
 FAST_CHECKS = VerifierConfig(
-    checks=CheckConfig(check_every=0.3, checkers=1, max_new_tokens=8), refresh_every=2.0
+    checks=CheckConfig(check_every=0.3, checkers=1, max_new_tokens=8),
+    refresh_every=2.0,
+    republish_every=5.0,  # a page started later sees the records on gossip within 5 s
 )
 
 
