@@ -37,7 +37,7 @@ def span_call(view: SwarmView, server: Announcement, start: int, end: int) -> Sp
         view.model_id,
         start,
         end,
-        view.span_digest(start, end),
+        view.expected_digest(start, end),
         server.dtype,
     )
 

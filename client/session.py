@@ -169,7 +169,7 @@ class InferenceSession:
             view.model_id,
             hop.start,
             hop.end,
-            view.span_digest(hop.start, hop.end),
+            view.expected_digest(hop.start, hop.end),
             hop.server.dtype,
         )
         await self.swarm.ensure_connected(peer_id)

@@ -130,6 +130,12 @@ class SwarmView:
             self.servers[ann.peer_id] = ann
         return True
 
+    def expected_digest(self, start: int, end: int) -> str:
+        """The weights digest answers for blocks [start, end) must carry (our manifest's)."""
+        if self.span_digest is None:
+            raise SwarmError("this swarm view has no manifest: it cannot check answers")
+        return self.span_digest(start, end)
+
     def ban(self, peer_id: str, reason: str) -> None:
         previous = self.bans.get(peer_id)
         failures = previous.failures + 1 if previous else 1

@@ -100,6 +100,7 @@ def test_health_command_serves_the_swarm(cheated: CheatedSwarm):
     cmd = [
         sys.executable, "-m", "trustswarm", "health", "--listen", "127.0.0.1:0",
         "--refresh", "1", "--log-level", "WARNING",
+        "--model-id", env.swarm.model_dir.manifest.model_id,
         "--trusted-verifier", env.verifier.addrs[0], "--initial-peers", *env.swarm.initial_peers,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
