@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,33 @@ from trustswarm.api.schemas import Limits, parse_body, parse_chat, parse_complet
 from trustswarm.api.text import StopText
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.testing.local_swarm import LocalSwarm
-from trustswarm.testing.local_verifier import wait_until
+from trustswarm.testing.local_verifier import start_verifier, stop_verifier, wait_until
+from trustswarm.verifier.config import CheckConfig, VerifierConfig
 
 SPANS = [(0, 10), (10, 20), (20, 30)]
-TOKENS = 10  # max_tokens of most requests: keeps the file well under 90 s on 2 cores
+TOKENS = 8  # max_tokens of most requests: keeps the file well under 90 s on 2 cores
+
+
+def openai_client(port: int) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1",
+        api_key="unused",
+        max_retries=0,
+        timeout=120,
+        http_client=openai.DefaultHttpxClient(trust_env=False),
+    )
+
+
+def raw_request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    """A plain HTTP request (for bodies the openai client would never send)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
 
 
 @dataclass
@@ -43,53 +67,47 @@ class Api:
     model_id: str
 
     def client(self) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=f"http://127.0.0.1:{self.port}/v1",
-            api_key="unused",
-            max_retries=0,
-            timeout=120,
-            http_client=openai.DefaultHttpxClient(trust_env=False),
-        )
+        return openai_client(self.port)
 
     def raw(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
-        """A plain HTTP request (for bodies the openai client would never send)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-            conn.request(method, path, body=body, headers=headers)
-            response = conn.getresponse()
-            return response.status, json.loads(response.read())
-        finally:
-            conn.close()
+        return raw_request(self.port, method, path, body)
 
     def active_sessions(self) -> int:
         return sum(s.server.ctx.active_sessions for s in self.swarm.servers)
 
 
+@contextmanager
+def serving(served: Served) -> Iterator[int]:
+    """The app under a real uvicorn server on 127.0.0.1 (a free port) in a thread."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(api_app(served), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, timeout=20, every=0.05)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        sock.close()
+
+
 @pytest.fixture(scope="module")
 def api(real_model_dir: Path) -> Iterator[Api]:
     swarm = LocalSwarm(real_model_dir)
-    model = server = thread = None
     try:
         for span in SPANS:
             swarm.start_server(span)
-        model = DistributedModelForCausalLM.from_pretrained(real_model_dir, swarm.initial_peers)
         tokenizer = AutoTokenizer.from_pretrained(real_model_dir)
-        served = Served(model, tokenizer, Limits(vocab_size=model.config.vocab_size))
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        server = uvicorn.Server(uvicorn.Config(api_app(served), log_level="warning"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        wait_until(lambda: server.started, timeout=20, every=0.05)
-        yield Api(swarm, model, tokenizer, sock.getsockname()[1], served.model_id)
+        with DistributedModelForCausalLM.from_pretrained(
+            real_model_dir, swarm.initial_peers
+        ) as model:
+            served = Served(model, tokenizer, Limits(vocab_size=model.config.vocab_size))
+            with serving(served) as port:
+                yield Api(swarm, model, tokenizer, port, served.model_id)
     finally:
-        if server is not None:
-            server.should_exit = True
-            thread.join(timeout=20)
-        if model is not None:
-            model.close()
         swarm.close()
 
 
@@ -277,6 +295,50 @@ def test_client_disconnect_mid_stream_closes_the_session(api: Api) -> None:
     # Closed within a few steps (400 tokens would take far longer).
     assert time.monotonic() - began < 5
     assert chat(api, "Say hello.", max_tokens=2).choices[0].message.content  # still serving
+
+
+def test_trust_facts_name_every_replica_and_the_audits_drawn(
+    tiny_model_dir: Path, real_model_dir: Path, tmp_path: Path
+) -> None:
+    """redundancy=2 and audit_rate=1 on the tiny model (token-id prompts below its
+    vocabulary; SmolLM2's tokenizer only decodes): both replicas of each span are
+    listed, and each replica's transcript was drawn for an audit at close."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model's ops gain nothing from threads
+    swarm = LocalSwarm(tiny_model_dir)
+    verifier = None
+    try:
+        servers = [swarm.start_server(span) for span in [(0, 3), (3, 6)] * 2]
+        config = VerifierConfig(checks=CheckConfig(check_every=3600.0))
+        verifier = start_verifier(swarm, f"sqlite:///{tmp_path / 'v.db'}", config)
+        tokenizer = AutoTokenizer.from_pretrained(real_model_dir)
+        with DistributedModelForCausalLM.from_pretrained(
+            tiny_model_dir,
+            swarm.initial_peers,
+            redundancy=2,
+            trusted_verifiers=[verifier.addrs[0]],
+            audit_rate=1.0,
+        ) as model:
+            wait_until(lambda: len(model.swarm.view.servers) == 4, timeout=30)
+            with serving(Served(model, tokenizer, Limits(vocab_size=512))) as port:
+                answer = openai_client(port).completions.create(
+                    model="tiny-llama", prompt=[5, 6, 7, 8], max_tokens=4, temperature=0
+                )
+        facts = answer.model_extra["trustswarm"]
+        assert facts["redundancy"] == 2
+        by_span = {(s.server.span): set() for s in servers}
+        for s in servers:
+            by_span[s.server.span].add(s.peer_id)
+        assert {(f["start"], f["end"]): set(f["servers"]) for f in facts["spans"]} == by_span
+        assert facts["disagreements"] == []
+        assert facts["audits"]["drawn"] == 4  # 2 spans x 2 replicas, one transcript each
+        assert facts["audits"]["verifiers"] == [verifier.addrs[0]]
+        assert facts["audits"]["rate"] == 1.0
+    finally:
+        if verifier is not None:
+            stop_verifier(swarm, verifier)
+        swarm.close()
+        torch.set_num_threads(threads)
 
 
 # -- request validation: malformed, huge or NaN fields are a clean 400 ----------------------
