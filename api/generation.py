@@ -70,6 +70,18 @@ def processors_for(sampling: Sampling) -> LogitsProcessorList:
     return processors
 
 
+def pick(
+    scores: torch.Tensor, logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
+) -> int:
+    """The next token: sampled from the warped scores, or greedy. A temperature so small
+    that the warped scores overflow (NaN probabilities) is greedy too."""
+    if sampling.temperature > 0:
+        probs = torch.softmax(scores, dim=-1)
+        if bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0:
+            return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
+    return int(logits.argmax(dim=-1)[0])
+
+
 def swarm_failure(exc: BaseException) -> GenerationFailure:
     return GenerationFailure(f"the swarm could not serve this request: {exc}")
 
@@ -123,6 +135,10 @@ class GenerationJob:
         except (TrustswarmError, BaseExceptionGroup) as exc:  # a group: from trio
             reason, failure = STOP, swarm_failure(exc)
             log.warning("generation failed: %s", exc)
+        except Exception as exc:  # a bug of ours: the client gets a 500-style error
+            log.error("generation failed unexpectedly", exc_info=exc)
+            reason = STOP
+            failure = GenerationFailure("internal server error", 500, "server_error", None)
         finally:
             self.close()
         if failure is None and reason != CANCELLED and (rest := stop_text.flush()):
@@ -155,12 +171,8 @@ class GenerationJob:
                 return CANCELLED
             hidden = self.session.step(step_input, positions, mask)
             self.trust.observe()
-            scores = processors(sequences, model.logits_of(hidden[:, -1]))
-            if sampling.temperature > 0:
-                probs = torch.softmax(scores, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=generator)[0, 0])
-            else:
-                token = int(scores.argmax(dim=-1)[0])
+            logits = model.logits_of(hidden[:, -1])
+            token = pick(processors(sequences, logits), logits, sampling, generator)
             self.completion_tokens += 1
             if token in self.eos_ids:
                 return STOP
