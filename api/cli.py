@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from types import FrameType
 
 log = logging.getLogger("trustswarm.api")
 DEFAULT_LISTEN = "127.0.0.1:8000"
@@ -93,6 +94,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     api.set_defaults(func=run_api)
 
 
+def server_class():  # noqa: ANN201 - a uvicorn.Server subclass (uvicorn imported late)
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """Ctrl-C / SIGTERM end the API cleanly with exit status 0: uvicorn itself
+        re-raises the signal after its shutdown, which would skip closing the client."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            self.force_exit = self.should_exit  # a second Ctrl-C does not wait
+            self.should_exit = True
+
+    return Server
+
+
 def run_api(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.getLevelName(args.log_level),
@@ -138,8 +153,9 @@ def run_api(args: argparse.Namespace) -> int:
         host, port = sock.getsockname()[:2]
         print(f"http://{host}:{port}/v1", flush=True)
         config = uvicorn.Config(api_app(served), log_level="warning")
-        uvicorn.Server(config).run(sockets=[sock])  # returns on Ctrl-C / SIGTERM
+        server_class()(config).run(sockets=[sock])  # returns on Ctrl-C / SIGTERM
     finally:
         model.close()
         sock.close()
+        log.info("closed")
     return 0
