@@ -15,6 +15,7 @@ from trustswarm.demo import chat_ids
 from trustswarm.models.runner import BlockRunner
 from trustswarm.models.store import ModelDir
 from trustswarm.protocol.comparator import compare
+from trustswarm.protocol.evidence import DisagreementReport
 from trustswarm.testing.offline_judge import OfflineJudge
 from trustswarm.testing.steering import (
     ModelDownstream,
@@ -80,3 +81,19 @@ def test_steering_the_old_rule_allowed_is_caught_by_the_judge(real, real_model_d
     assert compare(res.output, ref).agree and compare(res.output, honest).agree
     verdict = judge.judged(SPAN, x, res.output)
     assert verdict.wrong, verdict
+
+
+HONEST_BF16_SESSION = Path(__file__).parent / "data" / "honest_bf16_session_0_15.report"
+
+
+def test_honest_bfloat16_session_with_an_ill_conditioned_step_passes(real):
+    """A real audit transcript of an honest bfloat16 server on 0:15 (greedy decode of
+    "Why is the sky blue?" at redundancy 2): one decode step has an ill-conditioned token,
+    which the judge replaces with the reference. The same-dtype replay must get the same
+    replacement, or it does not reproduce the honest answer and the next-token check
+    failed it (margin 0.054 > 0.05; 3 of 785 honest audits in bench/audits_honest.py)."""
+    report = DisagreementReport.from_bytes(HONEST_BF16_SESSION.read_bytes())
+    evidence = report.answers[0].evidence
+    judgement = real[4].judge.judge(evidence)
+    assert judgement.steps == 12
+    assert not judgement.wrong, judgement.reason

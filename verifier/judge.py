@@ -40,7 +40,7 @@ from trustswarm.protocol.evidence import (
 from trustswarm.protocol.limits import DEFAULT_LIMITS, Limits
 from trustswarm.protocol.protocols import PROTOCOL_VERSION
 
-from .next_token_check import NextTokenCheck
+from .next_token_check import NextTokenCheck, with_reference_at
 
 # Requests are read with a server's default limits, a little wider: an honest server
 # never signs more than its own limits allow, and the rate limit bounds our compute.
@@ -110,6 +110,7 @@ class HiddenVerdict:
     worst: float
     judged: torch.Tensor  # the output with ill-conditioned tokens set to the reference
     proven: bool = False
+    ill: torch.Tensor | None = None  # [B, T] the tokens set to the reference, if any
 
 
 def judge_hidden(
@@ -118,12 +119,14 @@ def judge_hidden(
     """The comparator's verdict, each token measured against at least its floor: what
     fails only without the floor is inconclusive (never a failure, never a ban)."""
     verdict = compare(output, reference, kind=kind)
-    ill = ill_conditioned(reference, floor)
+    ill: torch.Tensor | None = ill_conditioned(reference, floor)
     judged = output
     if bool(ill.any()):  # the next-token check must not see them either
-        judged = torch.where(ill.unsqueeze(-1), reference.to(output.dtype), output)
+        judged = with_reference_at(ill, output, reference)
+    else:
+        ill = None
     if verdict.agree:
-        return HiddenVerdict("ok", "", verdict.worst_token_error, judged)
+        return HiddenVerdict("ok", "", verdict.worst_token_error, judged, ill=ill)
     floored = compare(output, reference, kind=kind, token_floor=floor)
     if floored.agree:
         return HiddenVerdict(
@@ -132,11 +135,12 @@ def judge_hidden(
             "(an input no natural prompt produces)",
             floored.worst_token_error,
             judged,
+            ill=ill,
         )
     tolerance = proof_tolerance(output, reference, kind)
     proof = compare(output, reference, kind=kind, tolerance=tolerance, token_floor=floor)
     return HiddenVerdict(
-        "wrong", floored.reason, floored.worst_token_error, judged, not proof.agree
+        "wrong", floored.reason, floored.worst_token_error, judged, not proof.agree, ill
     )
 
 
@@ -208,7 +212,7 @@ class Judge:
         s = opened[0].statement
         worst = float("nan")
         inconclusive = ""
-        judged = []
+        judged, ills = [], []
 
         def judgement(steps: int, wrong: bool, reason: str, **extra: bool) -> Judgement:
             return Judgement(
@@ -230,6 +234,7 @@ class Judge:
                 if compare(item.output, same_dtype[i], kind=kind).agree:
                     hv = HiddenVerdict("ok", "", hv.worst, hv.judged)
             judged.append(hv.judged)
+            ills.append(hv.ill)
             if not math.isnan(hv.worst):
                 worst = max(hv.worst, 0.0 if math.isnan(worst) else worst)
             where = f"step {i}: " if s.kind == "inference" else ""
@@ -239,7 +244,7 @@ class Judge:
                 inconclusive = where + hv.reason
         if kind == "hidden" and self.next_token is not None:
             # On the judged outputs: an ill-conditioned token cannot fail this either.
-            reason = self.next_token.check(judged, rec, s.start, s.end)
+            reason = self.next_token.check(judged, rec, s.start, s.end, ills)
             if reason:
                 return judgement(len(opened), True, reason)
         if inconclusive:

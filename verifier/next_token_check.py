@@ -32,6 +32,15 @@ if TYPE_CHECKING:
     from .judge import Recomputed
 
 
+def with_reference_at(
+    ill: torch.Tensor | None, output: torch.Tensor, reference: torch.Tensor
+) -> torch.Tensor:
+    """`output` with the tokens where `ill` [B, T] holds set to `reference`'s values."""
+    if ill is None:
+        return output
+    return torch.where(ill.unsqueeze(-1), reference.to(output.dtype), output)
+
+
 class NextTokenCheck:
     def __init__(self, runner: BlockRunner, head: ClientParts) -> None:
         if runner.end != runner.model_dir.num_blocks:
@@ -80,8 +89,18 @@ class NextTokenCheck:
                 lasts.append(h[:, -1])
         return self._logits(torch.cat(lasts, dim=0))
 
-    def check(self, answers: list[torch.Tensor], rec: Recomputed, start: int, end: int) -> str:
-        """'' when the answers lead to the reference's next tokens, else the reason."""
+    def check(
+        self,
+        answers: list[torch.Tensor],
+        rec: Recomputed,
+        start: int,
+        end: int,
+        ill: list[torch.Tensor | None] | None = None,
+    ) -> str:
+        """'' when the answers lead to the reference's next tokens, else the reason.
+        `ill`: per exchange, the tokens the answers carry the reference's values at (the
+        judge's ill-conditioned tokens); the same-dtype replay gets the same substitution,
+        or it could not reproduce an honest answer (it did not: 3 of 785 honest audits)."""
         dtype = answers[0].dtype
         logits = self._downstream(answers, rec, end)
         tolerance = REFERENCE_TOLERANCES.get(dtype_name(dtype), REFERENCE_TOLERANCES["float32"])
@@ -89,7 +108,13 @@ class NextTokenCheck:
         if verdict.agree:
             return ""
         if dtype != torch.float32 and rec.inputs:
-            same = self._downstream(self.recompute_in(dtype, rec, start, end), rec, end)
+            same = self.recompute_in(dtype, rec, start, end)
+            if ill is not None:
+                same = [
+                    with_reference_at(m, x, ref)
+                    for m, x, ref in zip(ill, same, rec.outputs, strict=True)
+                ]
+            same = self._downstream(same, rec, end)
             if compare_next_token(logits, same, SAME_DTYPE_TOLERANCE).agree:
                 return ""
         return f"next token: {verdict.reason}"
