@@ -216,6 +216,7 @@ class DistributedModelForCausalLM(SwarmGenerationMixin, nn.Module):
         use_cache: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        tokenizer: object | None = None,  # generate(stop_strings=..., tokenizer=) passes it on
     ) -> CausalLMOutput:
         """Logits of every token (a plain pass through the swarm, differentiable); with
         `past_key_values` (a SwarmCache, as `generate` passes it) only the new tokens run,
