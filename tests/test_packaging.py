@@ -30,6 +30,7 @@ NOT_PACKAGE = {"tests", "bench", "examples", "build", "dist"}
 NAME_MAP = {"yaml": "PyYAML", "PIL": "pillow", "google": "protobuf", "attr": "attrs"}
 # Declared distributions that no module imports by name, and why they are needed.
 RUNTIME_ONLY = {
+    "accelerate": "transformers refuses to load a .gguf file without it (the bundled model)",
     "gguf": "transformers reads .gguf files with it (`model import` of the bundled model)",
     "numpy": "torch's Tensor.numpy() (protocol/digests.py); torch does not declare it",
     "psycopg": "SQLAlchemy's postgresql+psycopg driver (`--db postgresql+psycopg://...`)",
