@@ -161,8 +161,9 @@ def test_a_server_busy_for_every_check_loses_weight_and_confidence(swarm, verifi
         result = check(swarm, verifier, busy, inference_share=1.0, backward_share=0.0)
         assert result.outcome == REFUSED and "busy" in result.detail
         weights.append(weight())
-    assert all(b <= a for a, b in zip(weights, weights[1:], strict=False))
-    assert weights[-1] < weights[0] / 2
+    # Not step by step: the weights are relative to the other servers', which the
+    # verifier's own background checks change meanwhile, and refusals decay with time.
+    assert weights[-1] < weights[0] / 2, weights
     after = v.record_for(busy.peer_id).record
     assert after.state == "probation" and after.score < before.score
     print(
