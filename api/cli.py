@@ -6,7 +6,6 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from types import FrameType
 
 log = logging.getLogger("trustswarm.api")
 DEFAULT_LISTEN = "127.0.0.1:8000"
@@ -94,20 +93,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     api.set_defaults(func=run_api)
 
 
-def server_class():  # noqa: ANN201 - a uvicorn.Server subclass (uvicorn imported late)
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """Ctrl-C / SIGTERM end the API cleanly with exit status 0: uvicorn itself
-        re-raises the signal after its shutdown, which would skip closing the client."""
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            self.force_exit = self.should_exit  # a second Ctrl-C does not wait
-            self.should_exit = True
-
-    return Server
-
-
 def run_api(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.getLevelName(args.log_level),
@@ -121,7 +106,7 @@ def run_api(args: argparse.Namespace) -> int:
 
     from trustswarm.client import DistributedModelForCausalLM
     from trustswarm.client.audits import DEFAULT_AUDIT_RATE
-    from trustswarm.health.cli import bind
+    from trustswarm.health.cli import bind, server_class
     from trustswarm.health.errors import HealthError
     from trustswarm.protocol.transport import load_swarm_key
 

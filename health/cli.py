@@ -108,11 +108,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     health.set_defaults(func=run_health)
 
 
-def _server_class():  # noqa: ANN202 - a uvicorn.Server subclass (uvicorn imported late)
+def server_class():  # noqa: ANN201 - a uvicorn.Server subclass (uvicorn imported late)
     import uvicorn
 
     class Server(uvicorn.Server):
-        """Ctrl-C / SIGTERM end the page cleanly with exit status 0 (uvicorn itself
+        """Ctrl-C / SIGTERM end the server (page or API) cleanly with exit status 0 (uvicorn itself
         re-raises the signal after its shutdown, so the cleanup after it never ran)."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -154,7 +154,7 @@ def run_health(args: argparse.Namespace) -> int:
     print(f"http://{host}:{port}/", flush=True)
     config = uvicorn.Config(health_app(lambda: collector.latest), log_level="warning")
     try:
-        _server_class()(config).run(sockets=[sock])  # returns on Ctrl-C / SIGTERM
+        server_class()(config).run(sockets=[sock])  # returns on Ctrl-C / SIGTERM
     finally:
         collector.close()
         sock.close()
