@@ -7,18 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
+from trustswarm.node.cli import configure_logging, positive_int
+
 log = logging.getLogger("trustswarm.api")
 DEFAULT_LISTEN = "127.0.0.1:8000"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _rate(text: str) -> float:
@@ -45,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     api.add_argument(
         "--redundancy",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="servers that compute every span, compared (default 1)",
     )
@@ -71,13 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     api.add_argument(
         "--max-concurrent",
-        type=_positive_int,
+        type=positive_int,
         default=8,
         help="inference sessions at once; more requests wait (default 8)",
     )
     api.add_argument(
         "--max-tokens-limit",
-        type=_positive_int,
+        type=positive_int,
         default=4096,
         help="largest max_tokens a request may ask (default 4096)",
     )
@@ -94,13 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_api(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.getLevelName(args.log_level),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if args.log_level != "DEBUG":
-        logging.getLogger("libp2p").setLevel(logging.WARNING)
+    configure_logging(args.log_level)
     import uvicorn
     from transformers import AutoTokenizer
 

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from trustswarm.node.cli import configure_logging
+
 from .errors import HealthError
 
 log = logging.getLogger("trustswarm.health")
@@ -123,13 +125,7 @@ def server_class():  # noqa: ANN201 - a uvicorn.Server subclass (uvicorn importe
 
 
 def run_health(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.getLevelName(args.log_level),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if args.log_level != "DEBUG":
-        logging.getLogger("libp2p").setLevel(logging.WARNING)
+    configure_logging(args.log_level)
     import uvicorn
 
     from trustswarm.protocol.transport import load_swarm_key

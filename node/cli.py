@@ -164,8 +164,10 @@ class _QuietLibp2p(logging.Filter):
         return not str(record.msg).startswith("Failed to open stream to peer")
 
 
-def configure_daemon(args: argparse.Namespace) -> None:
-    level = logging.getLevelName(args.log_level)
+def configure_logging(level_name: str) -> None:
+    """A daemon's logging (server, verifier, API, health page): timestamps on stderr,
+    py-libp2p's connection chatter only at DEBUG."""
+    level = logging.getLevelName(level_name)
     logging.basicConfig(
         level=level,
         stream=sys.stderr,
@@ -174,6 +176,10 @@ def configure_daemon(args: argparse.Namespace) -> None:
     if level > logging.DEBUG:  # py-libp2p's INFO is connection chatter; DEBUG shows it all
         logging.getLogger("libp2p").setLevel(max(level, logging.WARNING))
         logging.getLogger("libp2p.host.basic_host").addFilter(_QuietLibp2p())
+
+
+def configure_daemon(args: argparse.Namespace) -> None:
+    configure_logging(args.log_level)
     if args.threads:
         import torch
 

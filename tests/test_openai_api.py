@@ -28,6 +28,7 @@ from trustswarm.api.errors import APIError
 from trustswarm.api.schemas import Limits, parse_body, parse_chat, parse_completion
 from trustswarm.api.text import StopText
 from trustswarm.client import DistributedModelForCausalLM
+from trustswarm.demo import chat_ids
 from trustswarm.testing.local_swarm import LocalSwarm
 from trustswarm.testing.local_verifier import start_verifier, stop_verifier, wait_until
 from trustswarm.verifier.config import CheckConfig, VerifierConfig
@@ -109,15 +110,6 @@ def api(real_model_dir: Path) -> Iterator[Api]:
                 yield Api(swarm, model, tokenizer, port, served.model_id)
     finally:
         swarm.close()
-
-
-def chat_ids(tokenizer, prompt: str) -> torch.Tensor:  # noqa: ANN001
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
 
 
 def local_greedy(hf_model, tokenizer, ids: torch.Tensor, tokens: int = TOKENS) -> str:  # noqa: ANN001
