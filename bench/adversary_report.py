@@ -6,9 +6,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.adversary_fp import FalsePositives
-from bench.adversary_output import AttackRow, RedundancyResult, VerifierResult
-from bench.adversary_protocol import ProtocolRow
+from trustswarm.testing.attack_output import AttackRow, RedundancyResult, VerifierResult
+from trustswarm.testing.attack_protocol import ProtocolRow
+from trustswarm.testing.false_positives import FalsePositives
 
 CALIBRATION = Path(__file__).parent / "results" / "calibration.md"
 

@@ -38,9 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from adversary_steering_report import markdown  # noqa: E402
 from steering_prompts import prompts_for  # noqa: E402
 

@@ -8,13 +8,13 @@ Runs, on the tiny test model (tests/tiny_model.py) for speed:
   block's weights, 4-bit weights, cheating on 10 % of answers, only for never-seen or
   only for seen peers, replayed answers): detection by redundancy k=2 and k=3 and by
   the verifier, time to exclusion, wrong tokens in the client's output
-  (bench/adversary_output.py);
+  (trustswarm/testing/attack_output.py);
 * protocol attacks: forged signature, statement for another request, DHT announcement
   in another peer's name, forged / expired / replayed reputation records, a record from
   an untrusted verifier, a Sybil flood of 10 identities, a false fraud report
-  (bench/adversary_protocol.py);
+  (bench/attack_protocol.py);
 * false positives: honest float32 and bfloat16 servers under verifier checks and
-  redundancy comparisons (bench/adversary_fp.py).
+  redundancy comparisons (trustswarm/testing/false_positives.py).
 
 Writes bench/results/adversary.md and adversary.json. About 20 minutes on a loaded
 2-core VM (--quick: about 6); `--render JSON` rewrites the .md from a .json.
@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -48,16 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", type=Path, help="only rewrite the .md from this .json")
     args = parser.parse_args(argv)
     if args.render:
-        from bench.adversary_report import render
+        from adversary_report import render
 
         print(f"[adversary] wrote {render(args.render, args.out)}")
         return 0
     logging.basicConfig(level=logging.ERROR)
     logging.disable(logging.WARNING)  # libp2p and our own warnings about the attackers
 
-    from bench import adversary_fp, adversary_protocol, adversary_report
-    from bench.adversary_env import Env
-    from bench.adversary_output import ATTACKS, run_attack
+    import adversary_report
+
+    from trustswarm.testing import attack_protocol, false_positives
+    from trustswarm.testing.attack_env import Env
+    from trustswarm.testing.attack_output import ATTACKS, run_attack
     from trustswarm.testing.local_verifier import start_verifier, stop_verifier
     from trustswarm.testing.tiny_model import make_tiny_model_dir
     from trustswarm.verifier.daemon import VerifierConfig
@@ -100,19 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_protocol:
             steps = [
                 lambda c: [
-                    adversary_protocol.signing_attack(
+                    attack_protocol.signing_attack(
                         env, verifier, "forged_signature", c, args.verifier_timeout
                     )
                 ],
                 lambda c: [
-                    adversary_protocol.signing_attack(
+                    attack_protocol.signing_attack(
                         env, verifier, "other_request", c, args.verifier_timeout
                     )
                 ],
-                lambda c: [adversary_protocol.announcement_attack(env, verifier)],
-                lambda c: adversary_protocol.record_attacks(env, verifier),
-                lambda c: [adversary_protocol.sybil_flood(env, verifier)],
-                lambda c: [adversary_protocol.false_report(env, verifier)],
+                lambda c: [attack_protocol.announcement_attack(env, verifier)],
+                lambda c: attack_protocol.record_attacks(env, verifier),
+                lambda c: [attack_protocol.sybil_flood(env, verifier)],
+                lambda c: [attack_protocol.false_report(env, verifier)],
             ]
             if args.quick:
                 steps = steps[:1] + steps[2:4] + steps[5:]
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         env.close()
     if not args.skip_fp:
         t = time.monotonic()
-        fp = adversary_fp.run(
+        fp = false_positives.run(
             model_dir, f"sqlite:///{tmp / 'fp.db'}", fp_seconds / 2, fp_seconds / 2
         )
         print(

@@ -30,8 +30,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 QUESTIONS = (
     "How do I make a cup of green tea?",
     "Explain the difference between weather and climate.",
@@ -235,7 +233,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.audits_report import write_report
+    from audits_report import write_report
+
     from trustswarm.client.audits import DEFAULT_AUDIT_RATE
     from trustswarm.demo import (
         DEFAULT_MODEL_DIR,

@@ -36,10 +36,13 @@ import time
 from pathlib import Path
 
 import torch
+from calibration_prompts import make_prompts  # noqa: E402
+from calibration_report import write_report  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from calibration_cheats import (  # noqa: E402
+from trustswarm.models.runner import BlockRunner  # noqa: E402
+from trustswarm.models.store import ModelDir  # noqa: E402
+from trustswarm.protocol.comparator import token_errors  # noqa: E402
+from trustswarm.testing.weight_cheats import (  # noqa: E402
     noise_tensor,
     noise_token,
     quantise_int4,
@@ -47,12 +50,6 @@ from calibration_cheats import (  # noqa: E402
     quantised_runner,
     swapped_runner,
 )
-from calibration_prompts import make_prompts  # noqa: E402
-from calibration_report import write_report  # noqa: E402
-
-from trustswarm.models.runner import BlockRunner  # noqa: E402
-from trustswarm.models.store import ModelDir  # noqa: E402
-from trustswarm.protocol.comparator import token_errors  # noqa: E402
 
 RAW_FILE = "calibration.json.gz"
 SPANS = [(0, 10), (10, 20), (20, 30), (0, 1), (9, 10), (20, 21), (29, 30)]

@@ -21,14 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from calibration_prompts import make_prompts  # noqa: E402
 
 from trustswarm.models.runner import BlockRunner  # noqa: E402

@@ -4,7 +4,7 @@
 
 Nine real `node start` processes of SmolLM2 (three per span 0:10, 10:20, 20:30)
 serve every setting, so k=1, 2 and 3 use the same swarm. In the WAN setting every
-server sits behind its own relay process (bench/relay.py) adding --delay-ms each way,
+server sits behind its own relay process (trustswarm/testing/relay.py) adding --delay-ms each way,
 and announces the relay's address, so the client reaches servers only over that link.
 The client opens an inference session with redundancy k, prefills a short prompt and
 times single-token decode steps; it prints median step latencies and the ratios
@@ -19,8 +19,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SPANS = ["0:10", "10:20", "20:30"]
 
@@ -70,9 +68,10 @@ def run_setting(name: str, servers, model_dir: Path, steps: int, rounds: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.relay import mbit
-    from bench.table_swarm import Servers
+    from table_swarm import Servers
+
     from trustswarm.demo import DEFAULT_MODEL_DIR, ensure_model
+    from trustswarm.testing.relay import mbit
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)

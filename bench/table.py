@@ -8,7 +8,7 @@ Rows, all with the real SmolLM2-135M-Instruct on this machine:
   offload    the same model, but before each block runs its weights are read from its
              safetensors file and copied in (what offloading does for every step)
   swarm      3 `node start --threads 1` servers on loopback (blocks 0:10, 10:20, 20:30)
-  wan        the same behind one relay per server (bench/relay.py) simulating 100 Mbit/s
+  wan        the same behind one relay per server (trustswarm/testing/relay.py) simulating 100 Mbit/s
              and 100 ms RTT; servers `--announce-addr` their relay, so all client traffic
              crosses it
   clients    N (8) client processes at once on the `swarm` servers: per client and aggregate
@@ -37,18 +37,17 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.generation import CpuWatch, wait_for_quiet  # noqa: E402
-from bench.relay import mbit  # noqa: E402
-from bench.table_measure import COLUMNS, Workload, load_local, make_offloading  # noqa: E402
-from bench.table_report import Row, markdown, plot  # noqa: E402
-from bench.table_swarm import (  # noqa: E402
+from generation import CpuWatch, wait_for_quiet  # noqa: E402
+from table_measure import COLUMNS, Workload, load_local, make_offloading  # noqa: E402
+from table_report import Row, markdown, plot  # noqa: E402
+from table_swarm import (  # noqa: E402
     ClientWorkers,
     Servers,
     stop_all,
     verifier_available,
 )
+
+from trustswarm.testing.relay import mbit  # noqa: E402
 
 SPANS = ["0:10", "10:20", "20:30"]
 ROWS = ("local", "offload", "swarm", "wan", "clients", "red2", "red3", "verifier")
@@ -122,7 +121,7 @@ class Bench:
             kwargs["redundancy"] = redundancy
         model = DistributedModelForCausalLM.from_pretrained(self.args.model_dir, peers, **kwargs)
         self.vocab = self.vocab or model.config.vocab_size
-        from bench.table_measure import inference_steps_per_s
+        from table_measure import inference_steps_per_s
 
         inference_steps_per_s(model, 8, 2, 1, self.vocab)  # warm-up: routes, sessions
         return model
@@ -379,7 +378,7 @@ def notes_for(args: argparse.Namespace, workload: Workload, bench: Bench) -> lis
         ),
         (
             "wan",
-            f"- *relays*: bench/relay.py, one relay process per server, {args.delay_ms / 2:g} ms each "
+            f"- *relays*: trustswarm/testing/relay.py, one relay process per server, {args.delay_ms / 2:g} ms each "
             f"way and {args.mbit:g} Mbit/s per direction; the servers announce only the relay's "
             "address (`--announce-addr`), so the client's traffic crosses it (3 hops = 3 RTTs a step).",
         ),

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> int:
     import torch
+    from table_measure import Workload
 
-    from bench.table_measure import Workload
     from trustswarm.client import DistributedModelForCausalLM
 
     spec = json.loads(sys.argv[1])
@@ -36,7 +33,7 @@ def main() -> int:
         return 1
     vocab = model.config.vocab_size
     with model:
-        from bench.table_measure import inference_steps_per_s
+        from table_measure import inference_steps_per_s
 
         inference_steps_per_s(model, 8, 2, 1, vocab)  # warm-up: sessions, routes, RTTs
         print(json.dumps({"ready": True}), flush=True)

@@ -146,7 +146,7 @@ class Workload:
 
 def load_local(model_dir: Path):
     """Plain HF LlamaForCausalLM with exactly the model directory's weights."""
-    from bench.generation import load_local_model
+    from generation import load_local_model
 
     return load_local_model(model_dir)
 

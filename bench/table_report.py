@@ -6,7 +6,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.table_measure import COLUMNS, Workload
+from table_measure import COLUMNS, Workload
 
 NOISY = 0.20  # (max - min) / median above this: the figure is marked noisy
 

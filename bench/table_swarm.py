@@ -2,7 +2,7 @@
 
 Every server is a real `trustswarm node start --threads 1` process on 127.0.0.1, as in
 demo.py. `Servers(..., wan=(delay_s, bytes_per_s))` puts each server behind its own
-relay process (bench/relay.py) and makes it announce the relay's address
+relay process (trustswarm/testing/relay.py) and makes it announce the relay's address
 (`--announce-addr`), so clients reach the servers only through the simulated link.
 """
 
@@ -18,8 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.relay import RelayProcess
 from trustswarm.demo import stop_processes
+from trustswarm.testing.relay import RelayProcess
 
 PY = [sys.executable, "-m", "trustswarm"]
 LOOPBACK = "127.0.0.1"

@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation import CpuWatch, load_local_model, wait_for_quiet  # noqa: E402
 
 BLOCK_SPANS = ("0:10", "10:20", "20:30")

@@ -19,7 +19,7 @@ import torch
 import trio
 
 from trustswarm.protocol.codec import dtype_name
-from trustswarm.protocol.comparator import compare
+from trustswarm.protocol.comparator import Verdict, compare
 from trustswarm.protocol.errors import SwarmError
 from trustswarm.protocol.evidence import DisagreementReport, Evidence, ReplicaAnswer
 from trustswarm.protocol.next_token import compare_next_token, next_token_tolerance
@@ -55,6 +55,23 @@ class Decision:
 Logits = Callable[[torch.Tensor], torch.Tensor]
 
 
+def agreement(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    kind: str,
+    logits_a: torch.Tensor | None = None,
+    logits_b: torch.Tensor | None = None,
+) -> Verdict:
+    """The hidden-state comparator; where the next-token logits of both answers are known
+    (a span ending at the last block, with the client's own LM head), also the next-token
+    comparator: replicas that lead to different next tokens beyond a near-tie disagree."""
+    verdict = compare(a, b, kind=kind)
+    if not verdict.agree or logits_a is None or logits_b is None:
+        return verdict
+    tolerance = next_token_tolerance(dtype_name(a.dtype), dtype_name(b.dtype))
+    return compare_next_token(logits_a, logits_b, tolerance)
+
+
 def agreeing(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -62,15 +79,7 @@ def agreeing(
     logits_a: torch.Tensor | None = None,
     logits_b: torch.Tensor | None = None,
 ) -> bool:
-    """The hidden-state comparator; where the next-token logits of both answers are known
-    (a span ending at the last block, with the client's own LM head), also the next-token
-    comparator: replicas that lead to different next tokens beyond a near-tie disagree."""
-    if not compare(a, b, kind=kind).agree:
-        return False
-    if logits_a is None or logits_b is None:
-        return True
-    tolerance = next_token_tolerance(dtype_name(a.dtype), dtype_name(b.dtype))
-    return compare_next_token(logits_a, logits_b, tolerance).agree
+    return agreement(a, b, kind, logits_a, logits_b).agree
 
 
 def cluster(outputs: Sequence[torch.Tensor], kind: str, logits: Logits | None = None) -> list[int]:
@@ -184,9 +193,10 @@ class RedundantCall(Generic[R]):
                 spare = await self.spare(asked)
                 if spare is not None:
                     log.warning(
-                        "replicas of blocks %d:%d disagree; asking one more server",
+                        "replicas of blocks %d:%d disagree (%s); asking one more server",
                         self.start,
                         self.end,
+                        self.why(answered),
                     )
                     escalations += 1
                     asked.add(self.peer_of(spare))
@@ -199,6 +209,14 @@ class RedundantCall(Generic[R]):
         if self.logits is None or self.comparator_kind != "hidden":
             return None, None
         return self.logits(a), self.logits(b)
+
+    def why(self, answered: Sequence[tuple[R, Answer]]) -> str:
+        """Why the first two answers disagree (the comparator's reason), for errors."""
+        if len(answered) < 2:
+            return "too few answers"
+        a, b = answered[0][1].output, answered[1][1].output
+        verdict = agreement(a, b, self.comparator_kind, *self._logits_pair(a, b))
+        return verdict.reason or "the first two agree; later answers split the vote"
 
     async def _conclude(
         self,
@@ -248,8 +266,8 @@ class RedundantCall(Generic[R]):
             self.report(report)
         if winner is None and output is None:
             raise DisagreementError(
-                f"servers disagree on blocks {self.start}:{self.end} and no value has a "
-                f"majority ({len(answered)} answers)",
+                f"servers disagree on blocks {self.start}:{self.end} ({self.kind}) and no "
+                f"value has a majority ({len(answered)} answers): {self.why(answered)}",
                 report,
             )
         kept = [r for n, (r, _) in zip(decision.clusters, answered, strict=True) if n == winner]

@@ -23,17 +23,17 @@ from pathlib import Path
 
 import pytest
 
-from bench.adversary_env import Env
-from bench.adversary_output import run_attack
-from bench.adversary_protocol import (
+from tests.adversary import Tamper
+from tests.verifier_env import start_verifier, stop_verifier
+from trustswarm.reputation.score import ScoreModel
+from trustswarm.testing.attack_env import Env
+from trustswarm.testing.attack_output import run_attack
+from trustswarm.testing.attack_protocol import (
     announcement_attack,
     record_attacks,
     signing_attack,
     sybil_flood,
 )
-from tests.adversary import Tamper
-from tests.verifier_env import start_verifier, stop_verifier
-from trustswarm.reputation.score import ScoreModel
 from trustswarm.verifier.daemon import VerifierConfig
 from trustswarm.verifier.spotcheck import CheckConfig
 

@@ -356,14 +356,14 @@ def test_calibrated_tolerances_on_real_smollm2(real_model_dir):
     against bfloat16; backward: between float32 answers)."""
     from transformers import AutoTokenizer
 
-    from bench.calibration_cheats import (
+    from trustswarm.models.runner import BlockRunner
+    from trustswarm.models.store import ModelDir
+    from trustswarm.testing.weight_cheats import (
         noise_token,
         quantise_int4,
         quantised_runner,
         swapped_runner,
     )
-    from trustswarm.models.runner import BlockRunner
-    from trustswarm.models.store import ModelDir
 
     torch.manual_seed(0)
     md = ModelDir.open(real_model_dir)

@@ -120,7 +120,7 @@ def test_bad_flags_get_clear_errors(tiny_model_dir: Path, tmp_path: Path, args, 
 def test_announce_addr_routes_clients_through_the_announced_relay(
     tiny_model_dir: Path, tmp_path: Path
 ):
-    from bench.relay import RelayThread
+    from trustswarm.testing.relay import RelayThread
 
     def port(addr: str) -> int:
         return int(addr.split("/tcp/")[1].split("/")[0])

@@ -1,4 +1,4 @@
-"""bench/relay.py: a latency + bandwidth relay, with real sockets on loopback."""
+"""trustswarm/testing/relay.py: a latency + bandwidth relay, with real sockets on loopback."""
 
 from __future__ import annotations
 
@@ -13,7 +13,14 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.relay import Relay, RelayError, RelayProcess, RelayThread, parse_spec, run_relay
+from trustswarm.testing.relay import (
+    Relay,
+    RelayError,
+    RelayProcess,
+    RelayThread,
+    parse_spec,
+    run_relay,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

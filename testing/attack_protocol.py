@@ -18,9 +18,6 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
-from bench.adversary_env import FIRST, Env, generate_all, introduce, learn, prefer, wait_for
-from bench.adversary_output import verifier_phase
-from bench.adversary_servers import forging_server_cls
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.client.reports import send_report
 from trustswarm.protocol.announcement import (
@@ -39,6 +36,17 @@ from trustswarm.reputation.records import (
     sign_record,
 )
 from trustswarm.testing.adversary import Tamper, adversarial_server_cls
+from trustswarm.testing.attack_env import (
+    FIRST,
+    Env,
+    generate_all,
+    introduce,
+    learn,
+    prefer,
+    wait_for,
+)
+from trustswarm.testing.attack_output import verifier_phase
+from trustswarm.testing.forging_servers import forging_server_cls
 from trustswarm.testing.local_verifier import RunningVerifier
 from trustswarm.verifier.probe import probe
 from trustswarm.verifier.reports import evidence_report

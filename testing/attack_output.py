@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from bench.adversary_env import FIRST, Env, generate_all, learn, prefer
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.testing.adversary import Tamper, adversarial_server_cls
+from trustswarm.testing.attack_env import FIRST, Env, generate_all, learn, prefer
 from trustswarm.testing.local_swarm import RunningServer
 from trustswarm.testing.local_verifier import RunningVerifier
 

@@ -1,6 +1,6 @@
 """A TCP relay on loopback that simulates a wide-area link: latency and a bandwidth cap.
 
-    python bench/relay.py --delay-ms 50 --mbit 100 0:127.0.0.1:31330 [0:127.0.0.1:31331 ...]
+    python -m trustswarm.testing.relay --delay-ms 50 --mbit 100 0:127.0.0.1:31330 [0:127.0.0.1:31331 ...]
 
 Each `LISTEN_PORT:TARGET_HOST:TARGET_PORT` spec starts a relay on 127.0.0.1:LISTEN_PORT
 (0 = any free port) that forwards every connection to the target. One line per relay,
@@ -27,7 +27,6 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import trio
 
@@ -240,7 +239,13 @@ class RelayProcess:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> RelayProcess:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--delay-ms", str(self.delay_s * 1e3)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "trustswarm.testing.relay",
+            "--delay-ms",
+            str(self.delay_s * 1e3),
+        ]
         if self.bytes_per_s:
             cmd += ["--bytes-per-s", str(self.bytes_per_s)]
         cmd += [

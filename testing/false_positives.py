@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import trustswarm.client.agreement as agreement
-from bench.adversary_env import FULL, introduce
 from trustswarm.client import DistributedModelForCausalLM
+from trustswarm.testing.attack_env import FULL, introduce
 from trustswarm.testing.local_swarm import LocalSwarm
 from trustswarm.testing.local_verifier import start_verifier, stop_verifier
 from trustswarm.verifier.daemon import VerifierConfig
