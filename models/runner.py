@@ -173,15 +173,15 @@ class BlockRunner:
             kv=DynamicCache(config=self.config),
         )
 
-    def step(
+    def check_step(
         self,
         cache: InferenceCache,
         hidden_states: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Run T_new tokens (prefill, replay or one decode step) and append them to the cache.
-        attention_mask covers past + new tokens: [B, cache.length + T_new]."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """step()'s validation alone (RunnerError): the hidden states in self.dtype, the
+        positions [B, T_new] and the mask. models/batched_step.py checks each step with it."""
         self._span(*cache.span)
         if cache.broken:
             raise RunnerError("cache is unusable after a failed step; start a new session")
@@ -194,14 +194,25 @@ class BlockRunner:
                 f"{cache.length} + {t} tokens exceed the session's max_length {cache.max_length}"
             )
         pos = self._positions(position_ids, b, t, cache.length)
-        mask = self._mask(attention_mask, b, cache.length + t)
+        return h, pos, self._mask(attention_mask, b, cache.length + t)
+
+    def step(
+        self,
+        cache: InferenceCache,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run T_new tokens (prefill, replay or one decode step) and append them to the cache.
+        attention_mask covers past + new tokens: [B, cache.length + T_new]."""
+        h, pos, mask = self.check_step(cache, hidden_states, position_ids, attention_mask)
         try:
             with torch.inference_mode():
                 out = self._run(h, pos, mask, cache.kv, cache.span)
         except BaseException:
             cache.broken = True
             raise
-        cache.length += t
+        cache.length += h.shape[1]
         return out
 
     def backward(
