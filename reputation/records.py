@@ -2,7 +2,9 @@
 
 A record names the verifier, the subject (a server's peer id), the model and block
 span, the score, state and counts, when it was issued, when it expires, and a
-sequence number that increases with every record the verifier signs. It is signed
+sequence number that increases with every record the verifier signs; optionally (newer
+verifiers) when the verifier last spot-checked and last audited the server, and why it
+banned it. It is signed
 with the verifier's Ed25519 identity over domain-separated canonical JSON (the
 same layout as announcements, with another domain string, so neither can be
 passed off as the other).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -28,7 +31,7 @@ from trustswarm.protocol.announcement import model_key
 from trustswarm.protocol.errors import ProtocolError, SignatureError
 from trustswarm.protocol.identity import Identity, parse_peer_id, verify_peer_signature
 
-from .score import STATES
+from .score import BANNED, STATES
 
 _DOMAIN = b"trustswarm-reputation-v1\n"
 REPUTATION_NAMESPACE = "trustswarm-rep"
@@ -37,6 +40,13 @@ _MAX_TEXT = 256
 _STR_FIELDS = ("verifier_id", "subject", "model_id", "state")
 _INT_FIELDS = ("start", "end", "passes", "failures", "sequence")
 _FLOAT_FIELDS = ("score", "issued_at", "expires_at")
+_OPTIONAL_TIMES = ("last_check_at", "last_audit_at")
+_OPTIONAL_FIELDS = (*_OPTIONAL_TIMES, "ban_reason")
+MAX_BAN_REASON = 200  # characters
+MAX_CLOCK_SKEW = 300.0  # seconds a time may lie ahead of issued_at or of our clock
+# C0/C1 controls, line and paragraph separators, bidi overrides: nothing that could
+# reshape the text around it on a page or in a terminal.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,10 @@ class ReputationRecord:
     issued_at: float
     expires_at: float
     sequence: int
+    # Optional (see the module doc): absent from the signed body when None.
+    last_check_at: float | None = None  # the verifier's last spot-check of the server
+    last_audit_at: float | None = None  # the last client audit it judged of the server
+    ban_reason: str | None = None  # banned records only
 
     def check(self) -> None:
         """Field types and ranges. Raises ProtocolError."""
@@ -76,11 +90,45 @@ class ReputationRecord:
             raise ProtocolError("reputation record: empty block span")
         if not self.issued_at < self.expires_at:
             raise ProtocolError("reputation record: expires before it is issued")
+        self._check_optional()
+
+    def _check_optional(self) -> None:
+        for name in _OPTIONAL_TIMES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+                raise ProtocolError(f"reputation record: {name} must be a finite time >= 0")
+            if value > self.issued_at + MAX_CLOCK_SKEW:
+                raise ProtocolError(f"reputation record: {name} lies after the record's issue")
+        reason = self.ban_reason
+        if reason is None:
+            return
+        if not isinstance(reason, str) or not 0 < len(reason) <= MAX_BAN_REASON:
+            raise ProtocolError(
+                f"reputation record: ban_reason must be 1-{MAX_BAN_REASON} characters"
+            )
+        if _UNPRINTABLE.search(reason):
+            raise ProtocolError("reputation record: ban_reason holds control characters")
+        if self.state != BANNED:
+            raise ProtocolError("reputation record: a ban_reason on a record that is not a ban")
+
+    def check_clock(self, now: float) -> None:
+        """No time the verifier reports lies ahead of `now` by more than the skew."""
+        for name in _OPTIONAL_TIMES:
+            value = getattr(self, name)
+            if value is not None and not value <= now + MAX_CLOCK_SKEW:
+                raise ProtocolError(f"reputation record: {name} lies in the future")
 
     def body(self) -> dict:
         body = asdict(self)
         for name in _FLOAT_FIELDS:  # 1 and 1.0 must sign the same bytes
             body[name] = float(body[name])
+        for name in _OPTIONAL_FIELDS:  # unset: the layout of records signed before them
+            if body[name] is None:
+                del body[name]
+            elif name in _OPTIONAL_TIMES:
+                body[name] = float(body[name])
         return body
 
     def canonical_bytes(self) -> bytes:
@@ -115,10 +163,10 @@ class SignedReputationRecord:
             if not isinstance(raw, dict) or set(raw) != {"record", "signature"}:
                 raise ValueError("top-level fields")
             body, signature = raw["record"], raw["signature"]
-            if not isinstance(body, dict) or set(body) != set(
-                ReputationRecord.__dataclass_fields__
-            ):
+            if not isinstance(body, dict) or not _REQUIRED <= set(body) <= _ALL_FIELDS:
                 raise ValueError("record fields")
+            if any(body.get(name, "") is None for name in _OPTIONAL_FIELDS):
+                raise ValueError("an optional field is null (leave it out)")
             if not isinstance(signature, str) or len(signature) > 256:
                 raise ValueError("signature")
             record = ReputationRecord(**body)
@@ -137,15 +185,35 @@ class SignedReputationRecord:
         except Exception:
             raise SignatureError("reputation record names an invalid verifier id") from None
         verify_peer_signature(verifier, self.record.canonical_bytes(), self.signature)
+        now = time.time() if now is None else now
         if self.record.expired(now):
             raise SignatureError("reputation record has expired")
+        self.record.check_clock(now)
+
+
+_ALL_FIELDS = frozenset(ReputationRecord.__dataclass_fields__)
+_REQUIRED = _ALL_FIELDS - set(_OPTIONAL_FIELDS)
 
 
 def sign_record(identity: Identity, record: ReputationRecord) -> SignedReputationRecord:
     if record.verifier_id != str(identity.peer_id):
         raise SignatureError("a verifier may only sign records in its own name")
     record.check()
-    return SignedReputationRecord(record, identity.sign(record.canonical_bytes()))
+    signed = SignedReputationRecord(record, identity.sign(record.canonical_bytes()))
+    if len(signed.to_bytes()) > MAX_RECORD_BYTES:  # readers would refuse it
+        raise ProtocolError(f"reputation record longer than {MAX_RECORD_BYTES} bytes")
+    return signed
+
+
+def short_reason(text: str | None) -> str | None:
+    """`text` as a valid ban_reason: whitespace runs and control characters become one
+    space, cut to MAX_BAN_REASON characters (with an ellipsis); None when nothing is left."""
+    if not text:
+        return None
+    cleaned = " ".join(_UNPRINTABLE.sub(" ", text).split())
+    if len(cleaned) > MAX_BAN_REASON:
+        cleaned = cleaned[: MAX_BAN_REASON - 1].rstrip() + "…"
+    return cleaned or None
 
 
 def record_key(verifier_id: str, subject: str, model_id: str) -> str:
