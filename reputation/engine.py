@@ -14,6 +14,8 @@ published record, a refusal weight), so every write transaction first locks its 
 
 Tables are created under a PostgreSQL advisory lock (or SQLite's write lock), so
 verifiers started at the same moment on an empty database do not race to create them.
+Columns added to a table since a database was made are added to it then (nullable
+ones only), so an older database opens and keeps its rows.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, MetaData, create_engine, event, insert, select
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event, insert, inspect, select
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
@@ -71,8 +73,30 @@ def create_tables(engine: Engine, metadata: MetaData, failure: str) -> None:
             if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_CREATE_LOCK})")
             metadata.create_all(conn)
+            add_missing_columns(conn, metadata)
     except (SQLAlchemyError, OSError) as exc:
         raise ReputationError(f"{failure}: {exc}") from None
+
+
+def add_missing_columns(conn: Connection, metadata: MetaData) -> list[str]:
+    """ALTER TABLE ... ADD COLUMN for each column of `metadata` an existing table lacks
+    (a database made by an older version); returns "table.column" for each one added."""
+    inspector = inspect(conn)
+    quote = conn.dialect.identifier_preparer.quote
+    added = []
+    for table in metadata.sorted_tables:
+        have = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            if not column.nullable:  # old rows would have no value for it
+                raise ReputationError(f"cannot add non-nullable {table.name}.{column.name}")
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(
+                f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}"
+            )
+            added.append(f"{table.name}.{column.name}")
+    return added
 
 
 def writer(engine: Engine) -> Engine:

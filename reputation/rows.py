@@ -106,8 +106,9 @@ async def rows_from_swarm(
                         rows.append(Row(peer, "unknown", None, 0, 0, "-", model, verifier))
                         continue
                     r = signed.record
+                    why = _failure_text(None, None, r.ban_reason)  # signed by the verifier
                     rows.append(
-                        Row(peer, r.state, r.score, r.passes, r.failures, "-", model, verifier)
+                        Row(peer, r.state, r.score, r.passes, r.failures, why, model, verifier)
                     )
             return rows
 

@@ -15,6 +15,7 @@ to compute: see score.py for the model.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ class ServerReputation:
     start: int | None = None  # the span last checked
     end: int | None = None
     banned_at: float | None = None
+    last_spot_check: float | None = None  # the newest compared spot-check (note_spot_check)
+    last_audit: float | None = None  # the newest judged client audit (note_audit)
 
 
 class ReputationStore:
@@ -178,6 +181,23 @@ class ReputationStore:
                 row.banned_at = now
             session.flush()
             return self._view(row, now)
+
+    def note_spot_check(self, peer_id: str, model_id: str, at: float | None = None) -> None:
+        """Remember when this verifier last spot-checked the server (its signed records
+        carry it); counting the check itself is `record_check`'s."""
+        self._note("last_spot_check", peer_id, model_id, at)
+
+    def note_audit(self, peer_id: str, model_id: str, at: float | None = None) -> None:
+        """Remember when this verifier last judged a client's audit of the server."""
+        self._note("last_audit", peer_id, model_id, at)
+
+    def _note(self, column: str, peer_id: str, model_id: str, at: float | None) -> None:
+        at = time.time() if at is None else float(at)
+        if not math.isfinite(at):
+            raise ValueError(f"{column} must be a finite time, got {at!r}")
+        with self._lock, self._writes.begin() as session:
+            row = self._server(session, peer_id, model_id, at)
+            setattr(row, column, max(getattr(row, column) or at, at))  # never goes back
 
     # -- reading --------------------------------------------------------------------
 
@@ -319,4 +339,6 @@ class ReputationStore:
             start=row.start,
             end=row.end,
             banned_at=row.banned_at,
+            last_spot_check=row.last_spot_check,
+            last_audit=row.last_audit,
         )

@@ -41,6 +41,9 @@ class ServerRow(Base):
     ban_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     ban_proof: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     banned_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Added later: engine.create_tables adds them to older databases (nullable).
+    last_spot_check: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_audit: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class CheckRow(Base):

@@ -13,6 +13,7 @@ publisher paces its sends because gossipsub drops bursts).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -37,6 +38,7 @@ from trustswarm.models.runner import BlockRunner
 from trustswarm.models.store import ModelDir
 from trustswarm.protocol import protocols
 from trustswarm.protocol.announcement import Announcement, AnnouncementValidator
+from trustswarm.protocol.errors import ProtocolError
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.protocols import DHT_NAMESPACE
 from trustswarm.protocol.transport import (
@@ -52,6 +54,7 @@ from trustswarm.reputation.records import (
     ReputationRecord,
     ReputationValidator,
     SignedReputationRecord,
+    short_reason,
     sign_record,
 )
 from trustswarm.reputation.score import BANNED
@@ -64,7 +67,7 @@ from .conditioning import NaturalConditioning
 from .config import VerifierConfig
 from .judge import Judge
 from .reports import ReportDesk
-from .spotcheck import FRAUD, CheckResult, SpotChecker
+from .spotcheck import FAIL, FRAUD, PASS, CheckResult, SpotChecker
 
 REPUBLISH_BATCH = 32  # records per publish batch when re-publishing
 log = logging.getLogger("trustswarm.verifier")
@@ -133,8 +136,16 @@ class Verifier:
             issued_at=now,
             expires_at=now + self.config.record_ttl,
             sequence=self.store.next_sequence(),
+            # When we last looked, and why we banned (the health page shows them). A
+            # shared database's other processes may run a little ahead of our clock.
+            last_check_at=_not_after(rep.last_spot_check, now),
+            last_audit_at=_not_after(rep.last_audit, now),
+            ban_reason=short_reason(rep.ban_reason) if rep.state == BANNED else None,
         )
-        return sign_record(self.identity, record)
+        try:
+            return sign_record(self.identity, record)
+        except ProtocolError:  # too long with the reason (a huge model id): go without
+            return sign_record(self.identity, dataclasses.replace(record, ban_reason=None))
 
     async def _publish(self, publisher: RecordPublisher, peers: Sequence[str]) -> None:
         # One batch at a time: records go out in the order of their sequence numbers
@@ -194,12 +205,19 @@ class Verifier:
 
     async def _on_check(self, result: CheckResult) -> None:
         self.results.append(result)
+        if result.outcome in (PASS, FAIL, FRAUD):  # compared: not refused nor skipped
+            await trio.to_thread.run_sync(self.store.note_spot_check, result.peer_id, self.model_id)
         if result.outcome != "skipped":
             self.changed(result.peer_id)
         if result.outcome == FRAUD:
             log.warning("banned %s: %s", result.peer_id, result.detail)
 
     async def _on_ban(self, peer_id: str) -> None:
+        self.changed(peer_id)
+
+    async def _on_audit(self, peer_id: str) -> None:
+        """A client's audit of `peer_id` was judged (passed, failed or proved fraud)."""
+        await trio.to_thread.run_sync(self.store.note_audit, peer_id, self.model_id)
         self.changed(peer_id)
 
     async def _stay_connected(self) -> None:
@@ -280,7 +298,7 @@ class Verifier:
                     cfg.checks,
                     random.Random(self.rng.random()),
                 )
-                self.audits = AuditDesk(judge, self.store, self.compute, cfg.audits, self._on_ban)
+                self.audits = AuditDesk(judge, self.store, self.compute, cfg.audits, self._on_audit)
                 # Reports first: audits wait while a report waits for or holds compute.
                 report_compute = self.audits.priority.wrap(self.compute)
                 self.desk = ReportDesk(judge, self.store, report_compute, cfg.reports, self._on_ban)
@@ -310,3 +328,7 @@ class Verifier:
                     nursery.start_soon(self.audits.run)
                     task_status.started(full)
                     await trio.sleep_forever()
+
+
+def _not_after(at: float | None, now: float) -> float | None:
+    return None if at is None else min(at, now)
