@@ -17,7 +17,7 @@ from trustswarm.protocol.evidence import Evidence
 
 from .agreement import Answer, RedundantCall
 from .reference import LocalReference
-from .replicas import hosts_of, pick
+from .replicas import hosts_of, pick, vote_dtypes
 from .routing import Hop
 from .rpc import SpanCall, call_span
 from .swarm import SwarmClient, SwarmView
@@ -43,15 +43,42 @@ def span_call(view: SwarmView, server: Announcement, start: int, end: int) -> Sp
 
 
 def choose_replicas(
-    view: SwarmView, start: int, end: int, count: int, exclude: set[str]
+    view: SwarmView,
+    start: int,
+    end: int,
+    count: int,
+    exclude: set[str],
+    vote_size: int | None = None,
 ) -> list[Announcement]:
     """Up to `count` usable servers for [start, end) not in `exclude`, avoiding the hosts
-    of the excluded (already chosen) ones, ranked by latency and reputation."""
+    of the excluded (already chosen) ones, ranked by latency and reputation. Established
+    servers of one announced dtype when there are enough (the dtype of the answers
+    already given, for a spare); else established servers first, of any dtype.
+    `vote_size`: the replicas the vote will have in all, when they are chosen one by one."""
     taken = [view.servers[p] for p in exclude if p in view.servers]
     usable = view.usable(tuple(exclude))
-    chosen: list[Announcement] = []
+    established = view.established(usable)
+    needed = max(count, (vote_size or 0) - len(taken))
+    for dtype in vote_dtypes(established, start, end, needed, {s.dtype for s in taken}):
+        chosen = _pick_tiers(
+            view, [[s for s in established if s.dtype == dtype]], taken, start, end, count
+        )
+        if len(chosen) == count:
+            return chosen
     # Established servers first (see SwarmView._tiered), then servers on probation.
-    for tier in (view.established(usable), usable):
+    return _pick_tiers(view, [established, usable], taken, start, end, count)
+
+
+def _pick_tiers(
+    view: SwarmView,
+    tiers: list[list[Announcement]],
+    taken: list[Announcement],
+    start: int,
+    end: int,
+    count: int,
+) -> list[Announcement]:
+    chosen: list[Announcement] = []
+    for tier in tiers:
         chosen += pick(
             [s for s in tier if s not in chosen],
             start,

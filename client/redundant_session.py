@@ -81,7 +81,7 @@ class RedundantInferenceSession(InferenceSession):
         Servers that fail to open or replay are banned; None when none is left."""
         view = self.swarm.view
         while True:
-            chosen = choose_replicas(view, group.start, group.end, 1, asked)
+            chosen = choose_replicas(view, group.start, group.end, 1, asked, self.redundancy)
             if not chosen:
                 return None
             server = chosen[0]

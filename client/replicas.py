@@ -8,6 +8,9 @@ identity never fills two slots), spread over as many networks as possible
 A server's network is the /24 (IPv4) or /64 (IPv6) prefix of the address its connection
 actually came from, as the client observed it; announced addresses count only for
 servers the client has not connected to yet (an announcement may list any addresses).
+Replicas of one call announce one dtype where enough servers allow it: honest bfloat16
+and float32 answers of a deep span can differ beyond any tolerance that still catches a
+cheat (DESIGN-NOTES, "Votes compare like with like"), so a mixed vote is the last resort.
 """
 
 from __future__ import annotations
@@ -109,3 +112,28 @@ def pick(
         chosen.append(fresh)
         used |= hosts_of(fresh, observed)
     return chosen
+
+
+def vote_dtypes(
+    servers: Collection[Announcement],
+    start: int,
+    end: int,
+    count: int,
+    taken: Collection[str] = (),
+) -> list[str]:
+    """The announced dtypes, in order of preference, that `count` of `servers` covering
+    [start, end) whole share. With answers `taken` already (escalation spares), only
+    their dtype, if they share one; otherwise float32 first (the strict tolerance), then
+    the dtype most servers announce."""
+    taken = set(taken)
+    if len(taken) > 1:
+        return []
+    counts: dict[str, int] = {}
+    for s in servers:
+        if s.start <= start and end <= s.end:
+            counts[s.dtype] = counts.get(s.dtype, 0) + 1
+    if taken:
+        (only,) = taken
+        return [only] if counts.get(only, 0) >= count else []
+    enough = [d for d, n in counts.items() if n >= count]
+    return sorted(enough, key=lambda d: (d != "float32", -counts[d], d))

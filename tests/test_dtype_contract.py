@@ -12,10 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from tests.verifier_env import one_torch_thread, start_verifier, stop_verifier, wait_until  # noqa: F401 - fixture
 from trustswarm.client import DistributedModelForCausalLM
+from trustswarm.client.redundant import choose_replicas
+from trustswarm.client.replicas import vote_dtypes
 from trustswarm.client.rpc import SpanCall, checked_answer
 from trustswarm.client.swarm import SwarmView
 from trustswarm.protocol.announcement import Announcement, SignedAnnouncement
@@ -266,3 +270,76 @@ def test_float32_claims_are_judged_with_the_float32_tolerance(swarm, verifier, k
     answers are held to float32 precision, which bfloat16 arithmetic does not reach."""
     result = spot_check(swarm, verifier, swarm.upcaster, kind)
     assert result.outcome in (FAIL, FRAUD), result.detail
+
+
+# -- votes compare like with like ----------------------------------------------------------
+
+
+def _fast(peer: str, dtype: str, throughput: float) -> Announcement:
+    return Announcement(
+        peer,
+        "m",
+        0,
+        6,
+        "0" * 64,
+        dtype,
+        throughput,
+        (f"/ip4/10.{ord(peer[0])}.{ord(peer[1])}.1/tcp/1",),
+        0.0,
+        1e12,
+    )
+
+
+def test_replicas_of_a_vote_share_one_dtype_when_enough_servers_allow():
+    # The bfloat16 servers are much faster, but 2 float32 servers can fill a k=2 vote.
+    servers = [
+        _fast("b1", "bfloat16", 1e6),
+        _fast("b2", "bfloat16", 1e6),
+        _fast("f1", "float32", 10.0),
+        _fast("f2", "float32", 10.0),
+    ]
+    view = view_of(*servers)
+    chosen = choose_replicas(view, 0, 6, 2, set())
+    assert {s.dtype for s in chosen} == {"float32"}
+    # One by one (a session opening its replicas): the same.
+    first = choose_replicas(view, 0, 6, 1, set(), vote_size=2)
+    second = choose_replicas(view, 0, 6, 1, {first[0].peer_id}, vote_size=2)
+    assert {first[0].dtype, second[0].dtype} == {"float32"}
+    # A spare for a vote of bfloat16 answers is bfloat16; with only one float32 server
+    # left, a 2-server vote is homogeneous bfloat16 rather than mixed.
+    assert choose_replicas(view, 0, 6, 1, {"b1"})[0].peer_id == "b2"
+    lone = view_of(servers[0], servers[1], servers[2])
+    assert {s.dtype for s in choose_replicas(lone, 0, 6, 2, set())} == {"bfloat16"}
+    # Mixed only when no dtype has enough servers.
+    mixed = view_of(servers[0], servers[2])
+    assert {s.dtype for s in choose_replicas(mixed, 0, 6, 2, set())} == {"bfloat16", "float32"}
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 5),
+            st.integers(1, 6),
+            st.sampled_from(["float32", "bfloat16", "float16"]),
+        ),
+        max_size=8,
+    ),
+    st.integers(1, 4),
+    st.sets(st.sampled_from(["float32", "bfloat16"]), max_size=2),
+)
+def test_vote_dtypes_only_names_dtypes_that_can_fill_the_vote(specs, count, taken):
+    servers = [
+        Announcement(f"p{i}", "m", s, max(s + 1, e), "0" * 64, d, 1.0, (), 0.0, 1e12)
+        for i, (s, e, d) in enumerate(specs)
+    ]
+    found = vote_dtypes(servers, 2, 4, count, taken)
+    for dtype in found:
+        covering = [s for s in servers if s.dtype == dtype and s.start <= 2 and 4 <= s.end]
+        assert len(covering) >= count
+    if len(taken) > 1:
+        assert found == []
+    elif taken:
+        assert set(found) <= taken
+    elif "float32" in found:
+        assert found[0] == "float32"
+    assert len(found) == len(set(found))
