@@ -3,6 +3,13 @@
 Decoding parses the safetensors header ourselves and checks every limit before a
 byte of tensor data is copied, so a hostile frame cannot make us allocate more
 than the frame it already fits in.
+
+Encoding writes the safetensors layout ourselves too, canonically: metadata keys in
+sorted order, tensors in safetensors' own order (widest dtype first, then name), the
+header padded with spaces to 8 bytes. The same message is the same bytes in every
+process (the `safetensors` package writes metadata in hash-map order, which changes
+from one process to the next), and the encoder checks the limits on the header it
+builds with the decoder's own functions instead of parsing its output again.
 """
 
 from __future__ import annotations
@@ -10,10 +17,11 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from safetensors.torch import save as _safetensors_save
 
 from .errors import LimitExceededError, ProtocolError
 from .limits import DEFAULT_LIMITS, WIRE_DTYPES, Limits
@@ -36,6 +44,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 _FLOAT_CODES = frozenset({"F32", "BF16", "F16"})
 _HEADER_LEN = struct.Struct("<Q")
+_WIRE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in TORCH_DTYPES.items()}
+# safetensors' Dtype enum order; it lays tensors out by it, descending, then by name,
+# so that every tensor's data starts aligned to its own item size.
+_LAYOUT_RANK = {"BOOL": 0, "F16": 1, "BF16": 2, "I32": 3, "F32": 4, "I64": 5}
+_METADATA = "__metadata__"
 
 
 @dataclass(frozen=True)
@@ -69,19 +82,71 @@ class Message:
 
 
 def encode_message(message: Message, limits: Limits = DEFAULT_LIMITS) -> bytes:
-    """Encode a message; refuses to produce anything its own decoder would reject."""
+    """Encode a message canonically; refuses to produce anything its own decoder would
+    reject (the limits are checked by the decoder's functions on the header built here)."""
+    if sys.byteorder != "little":  # safetensors is little-endian; we write raw memory
+        raise ProtocolError("the wire format is little-endian; this machine is not")
     for name, value in message.meta.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise ProtocolError("metadata keys and values must be strings")
-    tensors = {name: t.detach().contiguous().cpu() for name, t in message.tensors.items()}
-    for name, t in tensors.items():
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            raise ProtocolError(f"tensor {name!r} contains NaN or Inf")
-    blob = _safetensors_save(tensors, metadata=dict(message.meta) or None)
-    # The encoder applies the decoder's structural checks, so we never send what a
-    # peer with the same limits would have to refuse.
-    _check_structure(blob, limits)
-    return blob
+    meta = _parse_meta(message.meta, limits)
+    header: dict[str, object] = {_METADATA: dict(sorted(meta.items()))} if meta else {}
+    chunks: list[bytes | memoryview] = []
+    offset = 0
+    for name, tensor in sorted(message.tensors.items(), key=_layout_key):
+        code, data = _wire_data(name, tensor)
+        header[name] = {
+            "dtype": code,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    specs = {k: v for k, v in header.items() if k != _METADATA}
+    _parse_tensor_specs(specs, limits, offset)
+    try:
+        raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate in a name or value
+        raise ProtocolError("metadata and tensor names must be valid unicode") from None
+    raw += b" " * (-len(raw) % 8)
+    if len(raw) > limits.max_header_bytes:
+        raise LimitExceededError(f"header of {len(raw)} bytes exceeds {limits.max_header_bytes}")
+    if _HEADER_LEN.size + len(raw) + offset > limits.max_frame_bytes:
+        raise LimitExceededError(f"message exceeds {limits.max_frame_bytes} bytes")
+    return b"".join([_HEADER_LEN.pack(len(raw)), raw, *chunks])
+
+
+def _layout_key(item: tuple[object, torch.Tensor]) -> tuple[int, str]:
+    name, tensor = item
+    if not isinstance(name, str) or name == _METADATA:
+        raise ProtocolError(f"tensor names must be strings other than {_METADATA!r}")
+    if not isinstance(tensor, torch.Tensor):
+        raise ProtocolError(f"tensor {name[:40]!r} is not a tensor")
+    code = _WIRE_CODES.get(tensor.dtype)
+    if code is None:
+        raise ProtocolError(f"tensor {name[:40]!r} has dtype {tensor.dtype}, not a wire dtype")
+    return -_LAYOUT_RANK[code], name
+
+
+def _wire_data(name: str, tensor: torch.Tensor) -> tuple[str, memoryview]:
+    """A tensor's wire dtype code and its raw little-endian bytes (a view, not a copy
+    when the tensor is already a contiguous CPU tensor). Refuses NaN and Inf."""
+    code = _WIRE_CODES[tensor.dtype]
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if not flat.numel():
+        return code, memoryview(b"")
+    if code in _FLOAT_CODES and not _all_finite(code, flat):
+        raise ProtocolError(f"tensor {name[:40]!r} contains NaN or Inf")
+    return code, memoryview(flat.view(torch.uint8).numpy())
+
+
+def _all_finite(code: str, flat: torch.Tensor) -> bool:
+    """No NaN or Inf in a flat float tensor. numpy, not torch: a small torch op costs
+    tens of microseconds of dispatch (more when its thread pool is contended)."""
+    if code == "BF16":  # numpy has no bfloat16: NaN and Inf are the all-ones exponent
+        bits = flat.view(torch.int16).numpy()
+        return not bool(((bits & 0x7F80) == 0x7F80).any())
+    return bool(np.isfinite(flat.numpy()).all())
 
 
 def decode_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
@@ -92,9 +157,9 @@ def decode_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
         if end == begin:
             tensor = torch.empty(shape, dtype=TORCH_DTYPES[code])
         else:
-            buf = bytearray(data[body_start + begin : body_start + end])
+            buf = bytearray(memoryview(data)[body_start + begin : body_start + end])
             tensor = torch.frombuffer(buf, dtype=TORCH_DTYPES[code]).reshape(shape)
-        if code in _FLOAT_CODES and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        if code in _FLOAT_CODES and tensor.numel() and not _all_finite(code, tensor.reshape(-1)):
             raise ProtocolError(f"tensor {name!r} contains NaN or Inf")
         tensors[name] = tensor
     return Message(tensors=tensors, meta=meta)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
+import sys
+import tempfile
 import time
 
 import pytest
@@ -12,7 +15,9 @@ import torch
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 from trustswarm.protocol import framing
 from trustswarm.protocol.codec import TORCH_DTYPES, Message, decode_message, encode_message
@@ -129,6 +134,163 @@ def test_round_trip(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> N
     assert_same_tensors(safetensors_load(blob), tensors)
     # Re-encoding what we decoded is stable.
     assert decode_message(encode_message(decoded)).meta == meta
+
+
+# Every dtype, bfloat16 and empty shapes drawn often, up to the 8 tensors a frame may hold,
+# names and metadata from all of unicode (non-BMP, control characters, U+2028...).
+wide_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=16)
+
+
+@st.composite
+def wire_tensors_st(draw: st.DrawFn) -> dict[str, torch.Tensor]:
+    names = draw(
+        st.lists(
+            wide_text.filter(lambda n: n != "__metadata__"),
+            max_size=DEFAULT_LIMITS.max_tensors,
+            unique=True,
+        )
+    )
+    dtypes = st.sampled_from([torch.bfloat16, torch.bfloat16, *DTYPES.values()])
+    shapes = st.lists(st.integers(0, 4), max_size=4) | st.just([0]) | st.just([3, 0, 2])
+    return {
+        name: make_tensor(draw(dtypes), draw(shapes), draw(st.integers(0, 2**31))) for name in names
+    }
+
+
+wide_meta_st = st.dictionaries(wide_text, wide_text, max_size=6)
+
+
+def safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The metadata as the safetensors package reads it (it reads metadata from files)."""
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(blob)
+        f.flush()
+        with safe_open(f.name, framework="pt") as opened:
+            return opened.metadata() or {}
+
+
+@FAST
+@given(tensors=wire_tensors_st(), meta=wide_meta_st)
+def test_encoder_output_is_what_safetensors_reads(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str]
+) -> None:
+    blob = encode_message(Message(tensors, meta))
+    assert_same_tensors(safetensors_load(blob), tensors)
+    assert safetensors_metadata(blob) == meta
+    decoded = decode_message(blob)
+    assert_same_tensors(decoded.tensors, tensors)
+    assert decoded.meta == meta
+
+
+@FAST
+@given(tensors=wire_tensors_st(), meta=wide_meta_st)
+def test_safetensors_output_decodes_identically(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str]
+) -> None:
+    """Frames from peers that still encode with the safetensors package decode as ours."""
+    theirs = decode_message(safetensors_save(tensors, metadata=meta or None))
+    ours = decode_message(encode_message(Message(tensors, meta)))
+    assert_same_tensors(theirs.tensors, ours.tensors)
+    assert theirs.meta == ours.meta == meta
+
+
+@FAST
+@given(
+    tensors=wire_tensors_st(),
+    meta=st.dictionaries(wide_text, wide_text, max_size=1),
+)
+def test_encoder_writes_the_safetensors_packages_bytes(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str]
+) -> None:
+    """With at most one metadata entry (where its hash-map order cannot differ) our bytes
+    are the safetensors package's bytes: same layout, JSON and padding."""
+    assert encode_message(Message(tensors, meta)) == safetensors_save(
+        tensors, metadata=meta or None
+    )
+
+
+@FAST
+@given(tensors=wire_tensors_st(), meta=wide_meta_st, data=st.data())
+def test_encoding_is_deterministic(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str], data: st.DataObject
+) -> None:
+    """Same message, same bytes: whatever the dict orders, copies or memory layouts."""
+    blob = encode_message(Message(tensors, meta))
+    meta_order = data.draw(st.permutations(list(meta)))
+    tensor_order = data.draw(st.permutations(list(tensors)))
+    shuffled = Message(
+        {name: _other_layout(tensors[name]) for name in tensor_order},
+        {key: meta[key] for key in meta_order},
+    )
+    assert encode_message(shuffled) == blob
+    assert encode_message(decode_message(blob)) == blob
+
+
+def _other_layout(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a transposed (non-contiguous) memory layout, or a copy."""
+    if t.dim() >= 2:
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    return t.clone()
+
+
+def test_metadata_order_does_not_change_the_bytes_across_processes() -> None:
+    """The safetensors package writes metadata in its hash map's order, seeded per
+    process; ours is sorted, so another process encodes the same bytes."""
+    script = (
+        "import sys, torch\n"
+        "from trustswarm.protocol.codec import Message, encode_message\n"
+        "meta = {f'k{i}': str(i) for i in range(12)}\n"
+        "sys.stdout.write(encode_message(Message({'x': torch.arange(3)}, meta)).hex())\n"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(2)
+    }
+    meta = {f"k{i}": str(i) for i in range(12)}
+    assert outputs == {encode_message(Message({"x": torch.arange(3)}, meta)).hex()}
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {"__metadata__": torch.zeros(1)},
+        {1: torch.zeros(1)},
+        {"x": [1.0, 2.0]},
+        {"x": torch.zeros(1, dtype=torch.float64)},
+        {"x" * 129: torch.zeros(1)},
+        {"\ud800": torch.zeros(1)},
+    ],
+)
+def test_encode_refuses_bad_tensor_entries(tensors: dict) -> None:
+    with pytest.raises(ProtocolError):
+        encode_message(Message(tensors))
+
+
+def test_encode_refuses_lone_surrogates_in_metadata() -> None:
+    with pytest.raises(ProtocolError, match="unicode"):
+        encode_message(Message(meta={"k": "\udfff"}))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_finite_extremes_pass_and_every_nan_payload_is_refused(dtype: torch.dtype) -> None:
+    info = torch.finfo(dtype)
+    edges = torch.tensor([info.max, -info.max, info.tiny, -0.0, info.smallest_normal / 4])
+    t = edges.to(dtype)
+    assert torch.equal(decode_message(encode_message(Message({"x": t}))).tensor("x"), t)
+    bits = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}[dtype]
+    int_dtype = torch.int16 if bits == 16 else torch.int32
+    mantissa = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[dtype]
+    exponent_all_ones = ((1 << (bits - 1 - mantissa)) - 1) << mantissa
+    for sign in (0, 1):
+        for payload in (0, 1, (1 << mantissa) - 1):  # inf, signalling and quiet NaNs
+            raw = exponent_all_ones | payload | (sign << (bits - 1))
+            if raw >= 1 << (bits - 1):
+                raw -= 1 << bits
+            bad = torch.tensor([0, raw], dtype=int_dtype).view(dtype)
+            with pytest.raises(ProtocolError, match="NaN or Inf"):
+                encode_message(Message({"x": bad}))
 
 
 def test_round_trip_non_contiguous_and_scalar() -> None:
