@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench bench-training bench-table bench-adversary bench-redundancy bench-audits clean
+.PHONY: setup demo test lint bench bench-training bench-table bench-adversary bench-redundancy bench-audits bench-side-by-side clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ bench-redundancy: setup
 bench-audits: setup
 	$(PY) bench/audits.py $(BENCH_ARGS)
 	$(PY) bench/audits_honest.py
+
+# trustswarm vs Petals in one run (issue 14): needs ../shared/petals-baseline set up
+# (its README: setup.sh, convert.py); ~10 min. bench/results/side_by_side.md
+bench-side-by-side: setup
+	$(PY) bench/side_by_side.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
