@@ -130,6 +130,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=ServerConfig.kv_cache_bytes // 2**20,
         help="KV-cache memory all sessions may reserve together (MiB; default 2048)",
     )
+    start.add_argument(
+        "--no-batching",
+        dest="batch_steps",
+        action="store_false",
+        help="run every inference step alone instead of batching concurrent sessions' "
+        "steps into one forward (float32 servers batch by default)",
+    )
     start.set_defaults(func=run_start)
 
 
@@ -218,6 +225,7 @@ def run_start(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_sessions_per_peer=args.max_sessions_per_peer,
         kv_cache_bytes=args.kv_cache_mib * 2**20,
+        batch_steps=args.batch_steps,
     )
     server = BlockServer(
         identity=identity,

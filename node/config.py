@@ -21,6 +21,9 @@ class ServerConfig:
     stream_idle_timeout: float = 30.0  # a forward/backward stream waits this long for more
     announce_ttl: float = 120.0
     announce_every: float = 30.0
+    # Concurrent inference steps of different sessions run as one batched forward
+    # (node/step_batcher.py; float32 servers only).
+    batch_steps: bool = True
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
 
     def __post_init__(self) -> None:
@@ -29,5 +32,7 @@ class ServerConfig:
             value = getattr(self, name)
             if type(value) is not int or value < low:
                 raise ValueError(f"ServerConfig.{name} must be an integer >= {low}, got {value!r}")
+        if type(self.batch_steps) is not bool:
+            raise ValueError(f"ServerConfig.batch_steps must be a bool, got {self.batch_steps!r}")
         if not self.write_timeout > 0:
             raise ValueError("ServerConfig.write_timeout must be positive")
