@@ -5,7 +5,11 @@
 Three `node start --threads 1` servers of SmolLM2-135M (blocks 0:10, 10:20, 20:30), each
 behind its own relay (trustswarm/testing/relay.py: half the RTT each way, the given
 bandwidth per direction) and announcing only the relay's address, so every byte between
-any two of client and servers crosses a relay. Two clients on the same servers: one with
+any two of client and servers crosses a relay (servers that dial each other by announced
+address too), so chaining turns a step's 6 one-way trips into 4: at zero compute it gains
+at most 1.5x plus the client's own per-hop overhead here. Servers near each other (one
+region) with a far client would show the full "3 RTTs -> 1"; that needs per-host delay
+(tc netem), which this machine's kernel lacks. Two clients on the same servers: one with
 `chaining=True` (a step goes client -> s1 -> s2 -> s3, each answering the client), one
 with `chaining=False` (client -> s1 -> client -> s2 -> ...). Rounds alternate between
 them; each round is one greedy generate after a 16-token prefix, the decode steps timed
