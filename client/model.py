@@ -18,6 +18,7 @@ from trustswarm.protocol.transport import make_host
 
 from .audits import DEFAULT_AUDIT_RATE, check_audit_rate, make_auditor
 from .autograd import RemoteBlocks
+from .discovery import DiscoveryBounds
 from .generation import (
     GenerationArgumentError,
     SwarmCache,
@@ -164,6 +165,7 @@ class DistributedModelForCausalLM(SwarmGenerationMixin, nn.Module):
             connect_timeout=connect_timeout,
             report_to=list(trusted_verifiers) if report_disagreements else [],
             auditor=make_auditor(trusted_verifiers, audit_rate),
+            discovery=DiscoveryBounds(),
         )
         loop = BackgroundLoop()
 

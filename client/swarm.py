@@ -26,7 +26,7 @@ from trustswarm.protocol.announcement import (
 from trustswarm.protocol.errors import SwarmError
 from trustswarm.protocol.evidence import DisagreementReport, Evidence, SignedExchange
 from trustswarm.protocol.identity import parse_peer_id
-from trustswarm.protocol.info import call_info
+from trustswarm.protocol.info import ServerInfo, call_info
 from trustswarm.protocol.protocols import DHT_NAMESPACE
 from trustswarm.protocol.statement import DTYPES
 from trustswarm.protocol.transport import connect_peers, parse_peer_addr, running_host
@@ -35,6 +35,8 @@ from trustswarm.reputation.records import REPUTATION_NAMESPACE, ReputationValida
 from trustswarm.reputation.score import OK
 
 from .audits import Auditor
+from .discovery import DiscoveryBounds, DiscoveryStats
+from .refresh import parse_addrs, refresh_by_discovery
 from .replicas import segments
 from .reports import send_report
 from .routing import Hop, latency_route, throughput_route
@@ -109,26 +111,34 @@ class SwarmView:
 
     def consider(self, signed: SignedAnnouncement) -> bool:
         """Accept a verified, unexpired announcement for our model with the right weights."""
-        try:
-            signed.verify()
-        except Exception:
-            return False
-        ann = signed.announcement
-        if ann.model_id != self.model_id:
-            return False
-        if self.span_digest is not None:
-            try:  # a span outside our model (e.g. 0:40 of 30 blocks) is simply not ours
-                digest = self.span_digest(ann.start, ann.end)
-            except Exception:
-                return False
-            if ann.weights_digest != digest:
-                return False
-        if ann.dtype not in DTYPES:  # it could not sign a valid answer
+        ann = self.acceptable(signed)
+        if ann is None:
             return False
         current = self.servers.get(ann.peer_id)
         if current is None or current.issued_at <= ann.issued_at:
             self.servers[ann.peer_id] = ann
         return True
+
+    def acceptable(self, signed: SignedAnnouncement) -> Announcement | None:
+        """The announcement when it is verified, unexpired, for our model with the right
+        weights and a dtype that can sign answers; None otherwise."""
+        try:
+            signed.verify()
+        except Exception:
+            return None
+        ann = signed.announcement
+        if ann.model_id != self.model_id:
+            return None
+        if self.span_digest is not None:
+            try:  # a span outside our model (e.g. 0:40 of 30 blocks) is simply not ours
+                digest = self.span_digest(ann.start, ann.end)
+            except Exception:
+                return None
+            if ann.weights_digest != digest:
+                return None
+        if ann.dtype not in DTYPES:  # it could not sign a valid answer
+            return None
+        return ann
 
     def expected_digest(self, start: int, end: int) -> str:
         """The weights digest answers for blocks [start, end) must carry (our manifest's)."""
@@ -240,6 +250,7 @@ class SwarmClient:
         refresh_every: float = 30.0,
         report_to: Sequence[str] = (),
         auditor: Auditor | None = None,
+        discovery: DiscoveryBounds | None = None,
     ) -> None:
         self.host = host
         self.view = view
@@ -254,6 +265,12 @@ class SwarmClient:
         # Draws which finished exchanges go to the verifiers as audits (None: no audits).
         self.auditor = auditor
         self.dht_lookups = True
+        # Bounded discovery (client/refresh.py): ask a few peers for pages of the
+        # announcements covering our blocks, contact only enough servers per block.
+        # None: ask every known server and the DHT (a verifier or monitor sees all).
+        self.discovery = discovery
+        self.no_discover: set[str] = set()  # peers that refused the discover RPC
+        self.last_discovery: DiscoveryStats | None = None
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Join the swarm, learn its servers, then refresh periodically until cancelled."""
@@ -316,7 +333,23 @@ class SwarmClient:
                         log.warning("could not report to verifier %s: %s", verifier[-12:], exc)
 
     async def refresh(self) -> None:
-        """Ask known peers (and the DHT) which servers exist; measure RTTs."""
+        """Learn which servers exist and measure their RTTs: by bounded discovery when it
+        is on and some peer speaks it, else by asking every known peer and the DHT."""
+        stats = None
+        if self.discovery is not None:
+            stats = await refresh_by_discovery(self, self.discovery)
+            self.last_discovery = stats
+        if stats is None:
+            await self._refresh_all()
+        if self.view.trust is not None and self.dht is not None:
+            # Records missed on gossip (joined late, dropped bursts) are in the DHT.
+            with trio.move_on_after(self.connect_timeout):
+                await TrustFeed(self.view.trust, self.dht).fetch(
+                    list(self.view.servers), self.view.model_id
+                )
+
+    async def _refresh_all(self) -> None:
+        """Ask every known peer (and the DHT) which servers exist; measure RTTs."""
         candidates: dict[str, list[multiaddr.Multiaddr]] = {
             str(i.peer_id): list(i.addrs) for i in self.initial_peers
         }
@@ -342,35 +375,39 @@ class SwarmClient:
         # died; what we could not reach ourselves stays out until it answers again.
         for peer in unreachable:
             self.view.servers.pop(peer, None)
-        if self.view.trust is not None and self.dht is not None:
-            # Records missed on gossip (joined late, dropped bursts) are in the DHT.
-            with trio.move_on_after(self.connect_timeout):
-                await TrustFeed(self.view.trust, self.dht).fetch(
-                    list(self.view.servers), self.view.model_id
-                )
 
     async def _ask(
         self, peer: str, addrs: list[multiaddr.Multiaddr], unreachable: set[str]
     ) -> None:
+        info = await self.contact(peer, addrs)
+        if info is None:
+            unreachable.add(peer)
+            return
+        for other in info.known:
+            self.view.consider(other)
+
+    async def contact(self, peer: str, addrs: list[multiaddr.Multiaddr]) -> ServerInfo | None:
+        """Dial `peer` and ask for its info; record its RTT, sessions, the address we
+        reached and its own announcement. None when it did not answer (or is us)."""
         try:
             peer_id = parse_peer_id(peer)
             if peer_id == self.host.get_id():
-                return
+                return None
             with trio.fail_after(self.connect_timeout):
                 await self.host.connect(PeerInfo(peer_id, [_strip_p2p(a) for a in addrs]))
             info = await call_info(self.host, peer_id, self.connect_timeout)
         except Exception as exc:
             log.debug("server %s did not answer info: %s", peer, exc)
-            unreachable.add(peer)
-            return
+            return None
         self.view.rtts[peer] = info.rtt
         self.view.sessions[peer] = info.active_sessions
         seen = remote_ip(self.host, peer_id)
         if seen:
             self.view.observed[peer] = seen
-        self.view.consider(info.announcement)
-        for other in info.known:
-            self.view.consider(other)
+        # A peer's own announcement, not one it replays for another server.
+        if info.announcement.announcement.peer_id == peer:
+            self.view.consider(info.announcement)
+        return info
 
     async def ensure_connected(self, peer_id: ID) -> None:
         ann = self.view.servers.get(str(peer_id))
@@ -390,18 +427,6 @@ def remote_ip(host: IHost, peer_id: ID) -> str | None:
     except Exception:
         return None
     return str(address[0]) if address else None
-
-
-def parse_addrs(addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:
-    """The parsable ones of announced addresses (announcements are validated on
-    decoding; this keeps one odd address from failing a whole refresh regardless)."""
-    parsed = []
-    for addr in addrs:
-        try:
-            parsed.append(multiaddr.Multiaddr(addr))
-        except Exception:
-            log.debug("ignoring unparsable address %r", addr[:80])
-    return parsed
 
 
 def _strip_p2p(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
+import secrets
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from libp2p.kad_dht.kad_dht import KadDHT
 
 from trustswarm.protocol.announcement import SignedAnnouncement, model_key
+from trustswarm.protocol.discovery import DiscoveryPage, DiscoveryQuery, fill_page
+from trustswarm.protocol.errors import ProtocolError
+from trustswarm.protocol.limits import DISCOVERY_PAGE_RECORDS
 from trustswarm.protocol.protocols import DHT_NAMESPACE
 
 
@@ -76,3 +81,63 @@ def sample_to_fit(
         out.append(text)
         used += len(text) + 8
     return out
+
+
+# A page cursor is "<seed>.<rank>": the seed fixes one random order of the records (by a
+# keyed hash of each peer id), the rank is the last one the client has read. The next
+# page holds the matching records ranked after it, so records added or expired between
+# pages neither shift nor repeat the rest (keyset paging, not offsets). An empty cursor
+# starts a new order with a seed this server draws: nobody can pick a peer id that comes
+# first, since the order of a seed nobody knows yet cannot be bought in advance.
+_HEX_CHARS = 16
+_HEX = frozenset("0123456789abcdef")
+
+
+def _hex(text: str) -> bool:
+    return len(text) == _HEX_CHARS and all(c in _HEX for c in text)
+
+
+def parse_cursor(cursor: str) -> tuple[str, bytes]:
+    """(seed, last rank read) of a cursor this module made; a fresh seed for ""."""
+    if not cursor:
+        return secrets.token_hex(_HEX_CHARS // 2), b""
+    seed, dot, last = cursor.partition(".")
+    if not dot or not _hex(seed) or not _hex(last):
+        raise ProtocolError("not a discover cursor of this server")
+    return seed, bytes.fromhex(last)
+
+
+def rank(seed: str, peer_id: str) -> bytes:
+    """Where `peer_id` comes in the order of `seed` (8 bytes, compared as bytes)."""
+    return hashlib.blake2b(peer_id.encode(), key=seed.encode(), digest_size=8).digest()
+
+
+def answer_query(known: Sequence[SignedAnnouncement], query: DiscoveryQuery) -> DiscoveryPage:
+    """The page of `known` that answers `query`.
+
+    Random order, not ranked: everything a server could rank by (throughput, span
+    length, issue time) is what the announcer chose to sign, so a ranking would hand
+    the first pages to whoever boasts most. A seeded random order gives every matching
+    record the same chance on every page; clients bring their own ranking (their
+    verifiers' reputation, which they can ask for by peer id)."""
+    if query.peers:
+        wanted = set(query.peers)
+        found = [s.to_bytes().decode() for s in known if s.announcement.peer_id in wanted]
+        page, _ = fill_page(found, "", len(found))
+        return page
+    seed, last = parse_cursor(query.cursor)
+    ranked = sorted(
+        (
+            (rank(seed, s.announcement.peer_id), s)
+            for s in known
+            if query.covers(s.announcement.start, s.announcement.end)
+        ),
+        key=lambda pair: pair[0],
+    )
+    after = [(r, s) for r, s in ranked if r > last]
+    page, taken = fill_page(
+        [s.to_bytes().decode() for _, s in after[:DISCOVERY_PAGE_RECORDS]], "", len(ranked)
+    )
+    if taken < len(after):
+        page = DiscoveryPage(page.records, f"{seed}.{after[taken - 1][0].hex()}", len(ranked))
+    return page

@@ -27,6 +27,7 @@ from trustswarm.protocol.announcement import (
     providers_key,
     sign_announcement,
 )
+from trustswarm.protocol.discovery import DISCOVER, DiscoveryPage, DiscoveryQuery
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.info import call_info
 from trustswarm.protocol.protocols import DHT_NAMESPACE
@@ -41,6 +42,7 @@ from trustswarm.reputation.gossip import record_relay
 from trustswarm.reputation.records import REPUTATION_NAMESPACE, ReputationValidator
 
 from .config import ServerConfig
+from .discovery import discovery_handler
 from .handlers import (
     Handler,
     ServingContext,
@@ -50,7 +52,7 @@ from .handlers import (
     handle_inference,
     handle_info,
 )
-from .peers import VerifiedRecords, known_announcements, sample_to_fit
+from .peers import VerifiedRecords, answer_query, known_announcements, sample_to_fit
 from .selection import coverage, worst_covered_span
 
 log = logging.getLogger("trustswarm.node")
@@ -89,6 +91,11 @@ class BlockServer:
             "active_sessions": self.ctx.active_sessions if self.ctx else 0,
             "max_sessions": self.config.max_sessions,
         }
+
+    def _discover(self, query: DiscoveryQuery) -> DiscoveryPage:
+        """A page of the announcements this node's store holds for `query`'s blocks."""
+        known = known_announcements(self.dht, self.model_id, self.verified) if self.dht else []
+        return answer_query(known, query)
 
     def _announce_record(self) -> SignedAnnouncement:
         now = time.time()
@@ -157,6 +164,7 @@ class BlockServer:
         """(protocol, name, handler) for every RPC this server answers."""
         return [
             (protocols.INFO, "info", handle_info),
+            (DISCOVER, "discover", discovery_handler(self._discover)),
             (protocols.FORWARD, "forward", handle_forward),
             (protocols.BACKWARD, "backward", handle_backward),
             (protocols.INFERENCE, "inference", handle_inference),

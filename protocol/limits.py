@@ -28,3 +28,13 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+# Discovery pages (protocol/discovery.py): one announcement per metadata entry, so at
+# most max_meta_entries - 2 records; the records' JSON-escaped text must also fit the
+# 64 KiB safetensors header, with room to spare.
+DISCOVERY_PAGE_RECORDS = 28
+DISCOVERY_PAGE_CHARS = 48 * 1024
+# What a client reads of a discover answer: metadata only, and not a 64 MiB frame from a
+# hostile peer for a page that is at most ~64 KiB.
+DISCOVERY_LIMITS = Limits(max_frame_bytes=80 * 1024, max_tensors=0, max_elements=0)

@@ -1,0 +1,146 @@
+"""One refresh of a client's swarm view by bounded discovery (client/discovery.py).
+
+1. Re-check the servers the view already holds (info: RTT, load, their fresh
+   announcement) and the peers we ask; what does not answer leaves the view.
+2. Ask a few peers (initial peers first, then servers in use) for pages of the
+   announcements covering the blocks that still lack candidates. Each record is checked
+   as every other announcement is (SwarmView.acceptable: signature, expiry, our model,
+   our manifest's weights digest, a signing dtype) before it counts.
+3. Contact (dial + info) only enough of the candidates to cover each block `per_block`
+   times, established servers first, in a few rounds.
+
+A peer that does not speak /discover is remembered; when no peer asked does, the caller
+falls back to reading the DHT and asking every known server (SwarmClient._refresh_all).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import multiaddr
+import trio
+
+from trustswarm.protocol.announcement import Announcement
+from trustswarm.protocol.identity import parse_peer_id
+from trustswarm.reputation.score import OK
+
+from .discovery import (
+    Directory,
+    DiscoveryBounds,
+    DiscoveryStats,
+    Pager,
+    contact_in_rounds,
+    model_blocks,
+)
+
+if TYPE_CHECKING:
+    from .swarm import SwarmClient
+
+log = logging.getLogger("trustswarm.client")
+
+
+def _askers(client: SwarmClient, bounds: DiscoveryBounds, rng: random.Random) -> list[str]:
+    """Peers to ask for pages: initial peers, then servers in use, minus those that
+    refused the RPC before; at most `ask_peers`."""
+    initial = [str(info.peer_id) for info in client.initial_peers]
+    in_use = [p for p in client.view.servers if p not in initial]
+    rng.shuffle(in_use)
+    chosen = [p for p in dict.fromkeys(initial + in_use) if p not in client.no_discover]
+    return chosen[: bounds.ask_peers]
+
+
+def _established(client: SwarmClient) -> list[str]:
+    """Servers our trusted verifiers call ok (asked for by peer id)."""
+    trust = client.view.trust
+    if trust is None:
+        return []
+    wall = time.time()
+    subjects = {subject for _, subject in trust.records}
+    return sorted(s for s in subjects if trust.state(s, wall) == OK)
+
+
+async def refresh_by_discovery(
+    client: SwarmClient, bounds: DiscoveryBounds, rng: random.Random | None = None
+) -> DiscoveryStats | None:
+    """Refresh `client.view` by discovery; its stats, or None when no peer we could ask
+    speaks /discover (the view is then left to the caller's fallback)."""
+    rng = rng or random.Random()
+    view = client.view
+    num_blocks = model_blocks(view.span_digest, (a.end for a in view.servers.values()))
+    askers = _askers(client, bounds, rng)
+    if num_blocks == 0 or not askers:
+        return None
+    began = time.monotonic()
+    directory = Directory(num_blocks)
+    pager = Pager(client.host, directory, view.acceptable, bounds)
+    stats = pager.stats
+    answered: set[str] = set()
+    unreachable: set[str] = set()
+    addrs = {str(info.peer_id): list(info.addrs) for info in client.initial_peers}
+    limiter = trio.CapacityLimiter(bounds.concurrency)
+
+    async def check(peer: str) -> bool:
+        """Info from `peer`; its own announcement (and its info sample) as candidates."""
+        known = view.servers.get(peer)
+        async with limiter:
+            info = await client.contact(
+                peer, addrs.get(peer) or (parse_addrs(known.addrs) if known else [])
+            )
+        if info is None:
+            unreachable.add(peer)
+            return False
+        answered.add(peer)
+        if peer in view.servers:
+            directory.add(view.servers[peer], peer)
+        for other in info.known:  # a random sample: more candidates, not more contacts
+            accepted = view.acceptable(other)
+            if accepted is not None:
+                directory.add(accepted, peer)
+        return True
+
+    recheck = list(dict.fromkeys([*askers, *view.servers]))
+    async with trio.open_nursery() as nursery:
+        for peer in recheck:
+            nursery.start_soon(check, peer)
+    stats.rechecked = len(recheck)
+    await pager.ask_all([parse_peer_id(p) for p in askers], _established(client))
+    client.no_discover |= pager.no_discover
+    if stats.pages == 0 and stats.failed_peers:  # nobody we asked answers discover
+        return None
+    for peer in unreachable:  # re-checked, gone: out until it answers again
+        view.servers.pop(peer, None)
+
+    async def contact(ann: Announcement) -> bool:
+        return await check(ann.peer_id) if ann.peer_id not in answered else True
+
+    for ann in directory.records.values():
+        addrs.setdefault(ann.peer_id, parse_addrs(ann.addrs))
+    trust = view.trust
+    candidates = directory.ordered(lambda p: trust is not None and trust.state(p) == OK, rng)
+    await contact_in_rounds(
+        [a for a in candidates if a.peer_id not in answered],
+        lambda: [view.servers[p] for p in answered if p in view.servers],
+        num_blocks,
+        bounds,
+        contact,
+        stats,
+        rng,
+    )
+    stats.seconds = time.monotonic() - began
+    return stats
+
+
+def parse_addrs(addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:
+    """The parsable ones of announced addresses (announcements are validated on
+    decoding; this keeps one odd address from failing a whole refresh regardless)."""
+    parsed = []
+    for addr in addrs:
+        try:
+            parsed.append(multiaddr.Multiaddr(addr))
+        except Exception:
+            log.debug("ignoring unparsable address %r", addr[:80])
+    return parsed
