@@ -57,6 +57,16 @@ def refresh_seconds(text: str) -> float:
     return value
 
 
+def measure_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 10 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected 10 to 86400 seconds, got {text!r}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     health = subparsers.add_parser(
         "health", help="serve a web page on the swarm's health and the servers' reputation"
@@ -81,6 +91,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="ID",
         help="model to show (repeatable; default: every model the initial peers announce)",
+    )
+    health.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="model directory (or its manifest.json) of a model to watch: its block count, "
+        "and the hidden size to measure its servers' throughput with (repeatable)",
+    )
+    health.add_argument(
+        "--measure-every",
+        type=measure_seconds,
+        default=300.0,  # MeasureConfig's (not imported here: it imports torch)
+        metavar="SECONDS",
+        help="seconds between two timed forward requests to one server of a --model "
+        "(default %(default)g; 16 tokens each, one request at a time)",
+    )
+    health.add_argument(
+        "--no-measure",
+        action="store_true",
+        help="do not send timed requests: show announced throughput only",
     )
     health.add_argument(
         "--listen",
@@ -131,7 +163,8 @@ def run_health(args: argparse.Namespace) -> int:
     from trustswarm.protocol.transport import load_swarm_key
 
     from .app import health_app
-    from .collect import HealthCollector
+    from .collect import HealthCollector, load_manifest
+    from .measure import MeasureConfig
 
     try:
         collector = HealthCollector(
@@ -140,6 +173,8 @@ def run_health(args: argparse.Namespace) -> int:
             model_ids=args.model_id,
             refresh=args.refresh,
             swarm_key=load_swarm_key(args.swarm_key) if args.swarm_key else None,
+            manifests=[load_manifest(path) for path in args.model],
+            measure=MeasureConfig(enabled=not args.no_measure, every=args.measure_every),
         )
         sock = bind(args.listen)
     except HealthError as exc:

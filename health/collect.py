@@ -9,6 +9,10 @@ published by plain assignment; the web app (asyncio, under uvicorn) only reads
 Without `--model-id`, the models are those the initial peers announce or know (at
 most MAX_MODELS of them, the most announced first: anyone can sign an announcement
 for any name, so a flood of made-up model ids must not start a flood of watchers).
+
+Models given by their manifest (`--model DIR`) are always watched, shown with the
+manifest's block count, and their servers' throughput is measured by timed forward
+requests (health/measure.py; the manifest gives the hidden size such a request needs).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import multiaddr
 import trio
@@ -25,11 +30,14 @@ import trio
 from trustswarm.client.loop import BackgroundLoop
 from trustswarm.client.swarm import SwarmClient, SwarmView
 from trustswarm.client.trust import make_trust_view
+from trustswarm.models.errors import ModelDirError
+from trustswarm.models.manifest import Manifest
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.info import call_info
 from trustswarm.protocol.transport import make_host, parse_peer_addr, running_host
 
 from .errors import HealthError
+from .measure import MeasureConfig, ThroughputProbe
 from .state import SwarmSnapshot, snapshot_model
 
 log = logging.getLogger("trustswarm.health")
@@ -42,6 +50,8 @@ _MAX_ERROR = 300  # characters of an error message kept for the page
 class ModelWatch:
     view: SwarmView
     error: str | None = "not contacted yet"
+    manifest: Manifest | None = None
+    probe: ThroughputProbe | None = None  # measures the servers (needs the manifest)
 
 
 @dataclass
@@ -52,6 +62,8 @@ class HealthCollector:
     refresh: float = 30.0  # seconds between swarm refreshes
     swarm_key: str | None = None
     connect_timeout: float = 10.0
+    manifests: Sequence[Manifest] = ()  # models always watched, and measured
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
     watches: dict[str, ModelWatch] = field(default_factory=dict)
     discovery_error: str | None = None
     latest: SwarmSnapshot | None = None
@@ -71,6 +83,10 @@ class HealthCollector:
         except ValueError as exc:
             raise HealthError(str(exc)) from None
         self.verifier_ids: set[str] = trust.trusted_verifiers if trust is not None else set()
+        self._manifests = {m.model_id: m for m in self.manifests}
+        if len(self._manifests) > MAX_MODELS:
+            raise HealthError(f"at most {MAX_MODELS} models can be watched")
+        self._limiter: trio.CapacityLimiter | None = None  # made in the trio thread
         self.latest = self.snapshot()
         self._loop = BackgroundLoop("trustswarm-health")
 
@@ -92,7 +108,14 @@ class HealthCollector:
     def snapshot(self) -> SwarmSnapshot:
         now = time.time()
         models = tuple(
-            snapshot_model(watch.view, now=now, error=watch.error)
+            snapshot_model(
+                watch.view,
+                num_blocks=None if watch.manifest is None else watch.manifest.num_blocks,
+                now=now,
+                error=watch.error,
+                measurements=None if watch.probe is None else watch.probe.results,
+                boast_factor=self.measure.boast_factor,
+            )
             for _, watch in sorted(self.watches.items())
         )
         return SwarmSnapshot(
@@ -114,21 +137,30 @@ class HealthCollector:
     async def _models(self, nursery: trio.Nursery) -> None:
         """Watch the given models, or keep discovering which models the swarm serves."""
         while True:
-            wanted = list(self.model_ids)
-            if not wanted:
+            wanted = list(self._manifests) + [m for m in self.model_ids if m not in self._manifests]
+            if not self.model_ids:
                 try:
-                    wanted = await self._discover()
+                    wanted += await self._discover()
                     self.discovery_error = None if wanted else "the initial peers serve no model"
                 except Exception as exc:
                     self.discovery_error = short_error(exc)
-            for model_id in wanted[: MAX_MODELS - len(self.watches)]:
-                if model_id not in self.watches:
-                    watch = ModelWatch(SwarmView(model_id, None, trust=self._trust_view(model_id)))
+            for model_id in dict.fromkeys(wanted):
+                if model_id not in self.watches and len(self.watches) < MAX_MODELS:
+                    watch = self._new_watch(model_id)
                     self.watches[model_id] = watch
                     nursery.start_soon(self._watch, watch)
             if self.model_ids or len(self.watches) >= MAX_MODELS:
                 return
             await trio.sleep(self.refresh)
+
+    def _new_watch(self, model_id: str) -> ModelWatch:
+        watch = ModelWatch(SwarmView(model_id, None, trust=self._trust_view(model_id)))
+        watch.manifest = self._manifests.get(model_id)
+        if watch.manifest is not None and self.measure.enabled:
+            if self._limiter is None:  # shared by every model's probe
+                self._limiter = trio.CapacityLimiter(self.measure.concurrency)
+            watch.probe = ThroughputProbe(self.measure, watch.manifest.hidden_size, self._limiter)
+        return watch
 
     async def _discover(self) -> list[str]:
         """Model ids the initial peers announce or know, the most announced first."""
@@ -170,10 +202,24 @@ class HealthCollector:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(client.run)
                     watch.error = None
+                    if watch.probe is not None:
+                        nursery.start_soon(watch.probe.run, client)
             except Exception as exc:
                 watch.error = short_error(exc)
                 log.warning("watching %s failed: %s", watch.view.model_id[:80], watch.error)
             await trio.sleep(self.refresh)
+
+
+def load_manifest(path: Path | str) -> Manifest:
+    """The manifest of a model directory (or a manifest.json file). Raises HealthError."""
+    path = Path(path)
+    file = path / "manifest.json" if path.is_dir() else path
+    try:
+        return Manifest.from_json(file.read_bytes())
+    except OSError as exc:
+        raise HealthError(f"cannot read {file}: {exc.strerror or exc}") from None
+    except ModelDirError as exc:
+        raise HealthError(f"{file}: {exc}") from None
 
 
 def short_error(exc: BaseException) -> str:

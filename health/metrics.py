@@ -65,6 +65,16 @@ class SnapshotCollector(Collector):
                 "announced tokens/s",
                 labels=server_labels,
             ),
+            "measured": GaugeMetricFamily(
+                "trustswarm_server_measured_throughput",
+                "tokens/s of our last timed forward request, net of the RTT (NaN: none)",
+                labels=server_labels,
+            ),
+            "boasting": GaugeMetricFamily(
+                "trustswarm_server_boasting",
+                "1 if the server announces far more throughput than we measure",
+                labels=server_labels,
+            ),
             "rtt": GaugeMetricFamily(
                 "trustswarm_server_rtt_seconds", "measured info RTT", labels=server_labels
             ),
@@ -87,6 +97,8 @@ class SnapshotCollector(Collector):
                 states[row.state] = states.get(row.state, 0) + 1
                 labels = [name, _label(row.peer_id)]
                 families["throughput"].add_metric(labels, _float(row.throughput))
+                families["measured"].add_metric(labels, _float(row.measured_throughput))
+                families["boasting"].add_metric(labels, float(row.boasting))
                 families["rtt"].add_metric(labels, _float(row.rtt))
                 families["score"].add_metric(labels, _float(row.score))
                 families["banned"].add_metric(labels, float(row.banned))

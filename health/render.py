@@ -31,7 +31,7 @@ th{color:#5b6475;font-weight:600;border-top:none}
 .span div{position:absolute;top:0;bottom:0;background:#4c7bd9;border-radius:3px}
 tr.banned td{background:#fff6f6}.mono{font-family:ui-monospace,Menlo,monospace}
 .reason{color:#a21b1b;max-width:28rem;overflow-wrap:anywhere}.muted{color:#8a93a3}
-.error{color:#a21b1b}
+.error{color:#a21b1b}.boasting{background:#fde0e0;color:#a21b1b}
 """
 
 
@@ -108,12 +108,32 @@ def verifier_cell(records: tuple[VerifierRecord, ...], verifier_id: str, now: fl
     record = next((r for r in records if r.verifier_id == verifier_id), None)
     if record is None:
         return '<td class="muted">no record</td>'
+    checked = [
+        f"{label} {seconds_ago(at, now)}"
+        for label, at in (("check", record.last_check_at), ("audit", record.last_audit_at))
+        if at is not None
+    ]
+    reason = f'<div class="reason">{esc(record.ban_reason)}</div>' if record.ban_reason else ""
     return (
         f'<td><span class="badge {esc(record.state)}">{esc(record.state)}</span> '
-        f'{esc(number(record.score, 2))}<br><span class="muted">'
+        f'{esc(number(record.score, 2))}{reason}<br><span class="muted">'
         f"{esc(record.passes)} passed, {esc(record.failures)} failed · "
-        f"{esc(seconds_ago(record.issued_at, now))}</span></td>"
+        f"signed {esc(seconds_ago(record.issued_at, now))}"
+        + "".join(f"<br>last {esc(text)}" for text in checked)
+        + "</span></td>"
     )
+
+
+def measured_cell(row: ServerRow, now: float) -> str:
+    """Our own measurement: tokens/s with its age, the error of a failed one, and a
+    badge when the server announces far more than we measure."""
+    if row.measure_error is not None:
+        return f'<td class="error" title="{esc(row.measure_error)}">failed</td>'
+    if row.measured_throughput is None:
+        return '<td class="muted">—</td>'
+    when = "" if row.measured_at is None else seconds_ago(row.measured_at, now)
+    badge = ' <span class="badge boasting">boasting</span>' if row.boasting else ""
+    return f'<td title="measured {esc(when)}">{esc(number(row.measured_throughput))}{badge}</td>'
 
 
 def server_tr(row: ServerRow, model: ModelHealth, verifiers: tuple[str, ...], now: float) -> str:
@@ -125,6 +145,7 @@ def server_tr(row: ServerRow, model: ModelHealth, verifiers: tuple[str, ...], no
         f'<td class="mono">{esc(row.start)}:{esc(row.end)}</td>',
         f"<td>{esc(row.dtype)}</td>",
         f"<td>{esc(number(row.throughput))}</td>",
+        measured_cell(row, now),
         f"<td>{esc(number(rtt))}</td>",
         f"<td>{esc(number(row.active_sessions))}</td>",
         f'<td><span class="badge {esc(row.state)}">{esc(row.state)}</span>{reason}</td>',
@@ -155,6 +176,7 @@ def model_section(model: ModelHealth, verifiers: tuple[str, ...], now: float) ->
         "Blocks",
         "dtype",
         "Announced tok/s",
+        "Measured tok/s",
         "RTT ms",
         "Sessions",
         "State",

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 from trustswarm.client.swarm import SwarmView
 from trustswarm.protocol.announcement import Announcement
 from trustswarm.reputation.score import BANNED, OK
+
+from .measure import Measurement, boasting
 
 HEALTHY = "healthy"
 BROKEN = "broken"
@@ -33,6 +35,9 @@ class VerifierRecord:
     failures: int
     issued_at: float  # when the verifier signed it (it re-signs after each check round)
     expires_at: float
+    last_check_at: float | None = None  # its last spot-check of the server (signed)
+    last_audit_at: float | None = None  # the last client audit of the server it judged
+    ban_reason: str | None = None  # banned records: the verifier's short reason (signed)
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,11 @@ class ServerRow:
     ban_reason: str | None
     records: tuple[VerifierRecord, ...] = ()
     expires_at: float = 0.0
+    # Our own timed forward request (health/measure.py); None before the first / if off.
+    measured_throughput: float | None = None  # tokens/s, net of the RTT
+    measured_at: float | None = None  # wall time of the last measurement
+    measure_error: str | None = None  # why the last measurement failed
+    boasting: bool = False  # announces more than boast_factor x what we measured
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,9 @@ def _records(view: SwarmView, peer_id: str, now: float) -> tuple[VerifierRecord,
             failures=r.failures,
             issued_at=r.issued_at,
             expires_at=r.expires_at,
+            last_check_at=r.last_check_at,
+            last_audit_at=r.last_audit_at,
+            ban_reason=r.ban_reason,
         )
         for r in (signed.record for signed in view.trust.current(peer_id, now))
     )
@@ -117,8 +130,9 @@ def ban_reason(view: SwarmView, peer_id: str, now: float, monotonic: float) -> s
     reasons = []
     for record in _records(view, peer_id, now):
         if record.state == BANNED:
+            why = f": {record.ban_reason}" if record.ban_reason else ""
             reasons.append(
-                f"banned by verifier {record.verifier_id} "
+                f"banned by verifier {record.verifier_id}{why} "
                 f"({record.failures} failed, {record.passes} passed checks)"
             )
     if peer_id in view.banned_for_session:
@@ -129,7 +143,14 @@ def ban_reason(view: SwarmView, peer_id: str, now: float, monotonic: float) -> s
     return "; ".join(reasons) if reasons else None
 
 
-def server_row(view: SwarmView, ann: Announcement, now: float, monotonic: float) -> ServerRow:
+def server_row(
+    view: SwarmView,
+    ann: Announcement,
+    now: float,
+    monotonic: float,
+    measured: Measurement | None = None,
+    boast_factor: float = math.inf,
+) -> ServerRow:
     peer = ann.peer_id
     reason = ban_reason(view, peer, now, monotonic)
     if view.trust is None:
@@ -157,6 +178,11 @@ def server_row(view: SwarmView, ann: Announcement, now: float, monotonic: float)
         ban_reason=reason,
         records=_records(view, peer, now),
         expires_at=ann.expires_at,
+        measured_throughput=None if measured is None else measured.tokens_per_second,
+        measured_at=None if measured is None else measured.at,
+        measure_error=None if measured is None else measured.error,
+        boasting=measured is not None
+        and boasting(ann.throughput, measured.tokens_per_second, boast_factor),
     )
 
 
@@ -184,14 +210,21 @@ def snapshot_model(
     num_blocks: int | None = None,
     now: float | None = None,
     error: str | None = None,
+    measurements: Mapping[str, Measurement] | None = None,
+    boast_factor: float = math.inf,
 ) -> ModelHealth:
     """The health of one model as `view` sees it. `num_blocks`: from the manifest when
-    known; otherwise the highest block end any server announces."""
+    known; otherwise the highest block end any server announces. `measurements`: our
+    own throughput measurements by peer id (health/measure.py)."""
+    measurements = measurements or {}
     now = time.time() if now is None else now
     monotonic = time.monotonic()
     announcements = [a for a in view.servers.values() if not a.expired(now)]
     rows = sorted(
-        (server_row(view, ann, now, monotonic) for ann in announcements),
+        (
+            server_row(view, ann, now, monotonic, measurements.get(ann.peer_id), boast_factor)
+            for ann in announcements
+        ),
         key=lambda r: (r.start, r.end, r.peer_id),
     )
     blocks = num_blocks if num_blocks is not None else max((r.end for r in rows), default=0)

@@ -3,6 +3,7 @@ and its state built from a real SwarmView fed real signed announcements and reco
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -10,12 +11,14 @@ import urllib.error
 import urllib.request
 from html.parser import HTMLParser
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from trustswarm.client.swarm import SwarmView
 from trustswarm.client.trust import TrustView
+from trustswarm.health.measure import Measurement
 from trustswarm.health.metrics import MAX_LABEL, metrics_registry, render_metrics
 from trustswarm.health.render import number, render_page
 from trustswarm.health.state import (
@@ -59,6 +62,9 @@ def verifier_records(draw: st.DrawFn) -> VerifierRecord:
         failures=draw(st.integers(0, 2**63)),
         issued_at=draw(numbers),
         expires_at=draw(numbers),
+        last_check_at=draw(maybe_numbers),
+        last_audit_at=draw(maybe_numbers),
+        ban_reason=draw(st.one_of(st.none(), texts)),
     )
 
 
@@ -82,6 +88,10 @@ def server_rows(draw: st.DrawFn) -> ServerRow:
         ban_reason=draw(st.one_of(st.none(), texts)),
         records=tuple(draw(st.lists(verifier_records(), max_size=2))),
         expires_at=draw(numbers),
+        measured_throughput=draw(maybe_numbers),
+        measured_at=draw(maybe_numbers),
+        measure_error=draw(st.one_of(st.none(), texts)),
+        boasting=draw(st.booleans()),
     )
 
 
@@ -287,3 +297,54 @@ def test_uncovered_blocks_make_a_model_broken():
     other = _signed(Identity.generate(), "m", (0, 2), digest="cd" * 32)
     assert view.consider(other)
     assert snapshot_model(view).digest_conflicts == ("0:2",)
+
+
+def test_verifier_reason_and_last_check_and_measurements_reach_the_page():
+    """A verifier's signed ban reason and last check / audit times, and our own
+    throughput measurements (with a boaster and a failure) reach page, JSON and metrics."""
+    model_id = "m"
+    verifier = Identity.generate()
+    trust = TrustView({str(verifier.peer_id)}, 0.5, model_id)
+    view = SwarmView(model_id, None, trust=trust)
+    servers = [Identity.generate() for _ in range(3)]
+    for identity in servers:
+        assert view.consider(_signed(identity, model_id, (0, 4), throughput=1000.0))
+    honest, cheat, broken = (str(s.peer_id) for s in servers)
+    now = time.time()
+    record = dataclasses.replace(
+        _record(verifier, cheat, model_id, "banned", 0.0).record,
+        last_check_at=now - 60,
+        last_audit_at=now - 7200,
+        ban_reason=f"spot-check: answer off by 3.2 {HOSTILE}",
+    )
+    assert trust.accept(sign_record(verifier, record))
+    measured = {
+        honest: Measurement(now - 3, 16, 0.02, 0.001, 842.0),
+        cheat: Measurement(now - 3, 16, 0.5, 0.001, 32.0),  # 1000 announced: boasting
+        broken: Measurement(now - 3, 16, None, None, None, "InvalidAnswer: <b>bad</b>"),
+    }
+    health = snapshot_model(view, now=now, measurements=measured, boast_factor=4.0)
+    rows = {r.peer_id: r for r in health.servers}
+    assert rows[honest].measured_throughput == 842.0 and not rows[honest].boasting
+    assert rows[cheat].boasting and not rows[broken].boasting
+    assert rows[broken].measure_error == "InvalidAnswer: <b>bad</b>"
+    assert "spot-check: answer off by 3.2" in rows[cheat].ban_reason
+    snapshot = SwarmSnapshot(now, 5.0, (str(verifier.peer_id),), (health,))
+    page = render_page(snapshot, now=now)
+    assert _tags(page).tags <= OUR_TAGS and "<b>bad" not in page
+    cheat_row = page.split(f'data-peer="{cheat}"')[1].split("</tr>")[0]
+    assert "last check 60 s ago" in cheat_row and "last audit 2 h ago" in cheat_row
+    assert "boasting" in cheat_row and _escaped(HOSTILE) in cheat_row
+    assert "842" in page.split(f'data-peer="{honest}"')[1].split("</tr>")[0]
+    state = {s["peer_id"]: s for s in snapshot.to_json()["models"][0]["servers"]}
+    assert state[cheat]["records"][0]["last_check_at"] == pytest.approx(now - 60)
+    assert state[broken]["measured_throughput"] is None
+    text = render_metrics(metrics_registry(lambda: snapshot)).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    got = {
+        s.labels["peer_id"]: s.value
+        for s in families["trustswarm_server_measured_throughput"].samples
+    }
+    assert got[honest] == 842.0 and math.isnan(got[broken])
+    boast = {s.labels["peer_id"]: s.value for s in families["trustswarm_server_boasting"].samples}
+    assert boast == {honest: 0.0, cheat: 1.0, broken: 0.0}
