@@ -18,6 +18,7 @@ from trustswarm.protocol.transport import make_host
 
 from .audits import DEFAULT_AUDIT_RATE, check_audit_rate, make_auditor
 from .autograd import RemoteBlocks
+from .chained_session import ChainedInferenceSession
 from .discovery import DiscoveryBounds
 from .generation import (
     GenerationArgumentError,
@@ -48,6 +49,12 @@ def check_redundancy(redundancy: int) -> int:
     return redundancy
 
 
+def check_chaining(chaining: bool) -> bool:
+    if not isinstance(chaining, bool):
+        raise ValueError(f"chaining must be True or False, got {chaining!r}")
+    return chaining
+
+
 def default_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids as Hugging Face derives them from a (left-padded) mask."""
     positions = attention_mask.long().cumsum(-1) - 1
@@ -75,9 +82,11 @@ class DistributedModelForCausalLM(SwarmGenerationMixin, nn.Module):
         pre_seq_len: int | None = None,
         redundancy: int = 1,
         local_reference: bool = False,
+        chaining: bool = True,
     ) -> None:
         super().__init__()
         check_redundancy(redundancy)
+        check_chaining(chaining)
         prompt_len = check_tuning_options(tuning_mode, pre_seq_len)
         parts = model_dir.load_client_parts(dtype)
         self.model_dir = model_dir
@@ -89,6 +98,7 @@ class DistributedModelForCausalLM(SwarmGenerationMixin, nn.Module):
         self._loop = loop
         self.swarm = swarm
         self.redundancy = redundancy
+        self.chaining = chaining
         self.reference = LocalReference(model_dir) if local_reference else None
         self.num_blocks = model_dir.num_blocks
         self.vote_head = VoteHead(self.norm, self.lm_head, self.num_blocks)
@@ -119,6 +129,7 @@ class DistributedModelForCausalLM(SwarmGenerationMixin, nn.Module):
         report_disagreements: bool = True,
         dtype_policy: str = "any",
         audit_rate: float = DEFAULT_AUDIT_RATE,
+        chaining: bool = True,
     ) -> DistributedModelForCausalLM:
         """Join the swarm at `initial_peers` and run `model_dir`'s model through it.
 
@@ -139,11 +150,16 @@ class DistributedModelForCausalLM(SwarmGenerationMixin, nn.Module):
         each hop's inference transcript once its session ends) sent, in the background, to
         the trusted verifiers named by multiaddr to be judged (README, "Audits"). Drawn
         after each answer; 0 turns audits off.
+        chaining: with redundancy=1, decode steps pass from server to server and each
+        server answers the client directly (one trip along the route instead of a round
+        trip per server); every answer is checked as before, and any failure falls back
+        to client-driven hops for that step (DESIGN-NOTES, "Chaining").
         """
         check_tuning_options(tuning_mode, pre_seq_len)  # before anything starts
         check_redundancy(redundancy)
         check_dtype_policy(dtype_policy)
         check_audit_rate(audit_rate)
+        check_chaining(chaining)
         directory = ModelDir.open(model_dir)
         if not initial_peers:
             raise ValueError("initial_peers must name at least one peer of the swarm")
@@ -183,6 +199,7 @@ class DistributedModelForCausalLM(SwarmGenerationMixin, nn.Module):
                 pre_seq_len=pre_seq_len,
                 redundancy=redundancy,
                 local_reference=local_reference,
+                chaining=chaining,
             )
         except BaseException:
             loop.close()
@@ -303,8 +320,9 @@ class DistributedModelForCausalLM(SwarmGenerationMixin, nn.Module):
         extra = self.soft_prompt.length if self.soft_prompt is not None else 0
         k = self.redundancy if redundancy is None else check_redundancy(redundancy)
         args = (self.swarm, 0, self.num_blocks, max_length + extra, batch_size)
+        plain = ChainedInferenceSession if self.chaining else InferenceSession
         session = (
-            InferenceSession(*args)
+            plain(*args)
             if k == 1
             else RedundantInferenceSession(
                 *args, redundancy=k, reference=self.reference, head=self.vote_head

@@ -237,8 +237,15 @@ class InferenceSession:
     ) -> torch.Tensor:
         """Run new tokens through all blocks. `mask` covers past and new tokens."""
         tokens = hidden.shape[1]
-        hidden = self._admit(hidden)
-        i = 0
+        hidden = await self._run_hops(0, self._admit(hidden), positions, mask)
+        self.length += tokens
+        return hidden
+
+    async def _run_hops(
+        self, i: int, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Send a step through hops i.. one after another (failing over as needed);
+        their output. The chained session falls back to this from the hop that failed."""
         while i < len(self.hops):
             hop = self.hops[i]
             try:
@@ -254,7 +261,6 @@ class InferenceSession:
             hop.remember(hidden, positions)
             hidden = output.float()
             i += 1
-        self.length += tokens
         return hidden
 
     async def _replace(self, failed: _HopSession, past_mask: torch.Tensor) -> list[_HopSession]:

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import trio
@@ -18,7 +19,8 @@ from libp2p.abc import INetStream
 
 from trustswarm.models.compute import run_limited
 from trustswarm.models.runner import BlockRunner, InferenceCache, RunnerError
-from trustswarm.protocol.codec import Message, dtype_name
+from trustswarm.protocol.chained import is_chain_frame
+from trustswarm.protocol.codec import Message, decode_message, dtype_name
 from trustswarm.protocol.digests import bytes_digest, tensors_digest
 from trustswarm.protocol.errors import (
     BAD_REQUEST,
@@ -32,6 +34,7 @@ from trustswarm.protocol.framing import (
     StreamClosed,
     error_message,
     read_exact,
+    read_frame,
     receive_message,
     send_message,
 )
@@ -48,6 +51,9 @@ from .admission import SessionAdmission, kv_bytes_per_token
 from .config import ServerConfig
 from .requests import attention_mask_of, hidden_states_of, positions_of, validate_span
 
+if TYPE_CHECKING:
+    from .forwarding import ChainedSteps
+
 log = logging.getLogger("trustswarm.node")
 
 
@@ -62,6 +68,8 @@ class ServingContext:
     compute: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
     admission: SessionAdmission | None = None  # from config unless given (shared by copies)
     served_requests: int = 0
+    # Chained inference steps (node/forwarding.py); None: this server takes none.
+    chained: ChainedSteps | None = None
 
     def __post_init__(self) -> None:
         if self.admission is None:
@@ -323,20 +331,28 @@ async def handle_inference(ctx: ServingContext, stream: INetStream) -> None:
             session.batch, session.max_length, session.start, session.end
         )
         opened = {"opened": session.chain.session_id, "nonce": session.nonce}
+        if ctx.chained is not None:
+            ctx.chained.opened(ctx, session)
         await send_answer(ctx, stream, Message(meta=opened))
         while True:
             try:
-                request, raw = await _receive(ctx, stream, config.session_idle_timeout)
+                with trio.fail_after(config.session_idle_timeout):
+                    raw = await read_frame(stream, config.limits)
             except StreamClosed:
                 return
-            await _session_step(ctx, stream, session, request, raw)
+            if ctx.chained is not None and is_chain_frame(raw):
+                await ctx.chained.step(ctx, stream, session, raw)
+                continue
+            await _session_step(ctx, stream, session, decode_message(raw, config.limits), raw)
     finally:
+        if ctx.chained is not None:
+            ctx.chained.closed(session.chain.session_id)
         admission.release(peer, kv_bytes)
 
 
 async def _session_step(
     ctx: ServingContext, stream: INetStream, session: _OpenSession, request: Message, raw: bytes
-) -> None:
+) -> Message:
     chain, batch, cache = session.chain, session.batch, session.cache
     if (
         request.meta.get("session_id") != chain.session_id
@@ -367,3 +383,4 @@ async def _session_step(
     await send_answer(ctx, stream, answer)
     # The next link follows what was signed (a subclass may sign something else).
     chain.advance(SignedStatement.from_meta(answer.meta).statement)
+    return answer  # chained steps forward it (node/forwarding.py)

@@ -43,6 +43,7 @@ from trustswarm.reputation.records import REPUTATION_NAMESPACE, ReputationValida
 
 from .config import ServerConfig
 from .discovery import discovery_handler
+from .forwarding import ChainedSteps, handle_chain
 from .handlers import (
     Handler,
     ServingContext,
@@ -168,6 +169,7 @@ class BlockServer:
             (protocols.FORWARD, "forward", handle_forward),
             (protocols.BACKWARD, "backward", handle_backward),
             (protocols.INFERENCE, "inference", handle_inference),
+            (protocols.CHAIN, "chain", handle_chain),
         ]
 
     def _make_context(self) -> ServingContext:
@@ -178,7 +180,12 @@ class BlockServer:
             span_digest=self.model_dir.manifest.span_digest,
             config=self.config,
             info=self._info,
+            chained=self._chained_steps(),
         )
+
+    def _chained_steps(self) -> ChainedSteps:
+        """Chained inference steps through this server (node/forwarding.py)."""
+        return ChainedSteps(self.host)
 
     async def serve(
         self,
