@@ -50,6 +50,7 @@ from trustswarm.protocol.statement import SignedStatement, Statement, sign_state
 from .admission import SessionAdmission, kv_bytes_per_token
 from .config import ServerConfig
 from .requests import attention_mask_of, hidden_states_of, positions_of, validate_span
+from .step_batcher import StepBatcher, StepRequest
 
 if TYPE_CHECKING:
     from .forwarding import ChainedSteps
@@ -68,6 +69,8 @@ class ServingContext:
     compute: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
     admission: SessionAdmission | None = None  # from config unless given (shared by copies)
     served_requests: int = 0
+    # Batches concurrent sessions' steps (node/step_batcher.py); from config unless given.
+    batcher: StepBatcher | None = None
     # Chained inference steps (node/forwarding.py); None: this server takes none.
     chained: ChainedSteps | None = None
 
@@ -77,6 +80,8 @@ class ServingContext:
             self.admission = SessionAdmission(
                 config.max_sessions, config.max_sessions_per_peer, config.kv_cache_bytes
             )
+        if self.batcher is None and self.config.batch_steps:
+            self.batcher = StepBatcher(self.runner, self.compute)
 
     @property
     def active_sessions(self) -> int:
@@ -84,6 +89,20 @@ class ServingContext:
 
     async def run(self, fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
         return await run_limited(self.compute, fn, *args)
+
+    async def run_step(
+        self,
+        cache: InferenceCache,
+        hidden: torch.Tensor,
+        positions: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """runner.step, batched with other sessions' concurrent steps when this server
+        batches. A context whose run() is not the plain one (a test adversary, a
+        profiler) sees every step through run(), alone."""
+        if self.batcher is None or type(self).run is not _PLAIN_RUN:
+            return await self.run(self.runner.step, cache, hidden, positions, mask)
+        return await self.batcher.step(StepRequest(cache, hidden, positions, mask))
 
     def session_nonce(self) -> str:
         """The server's half of a new session's id: fresh randomness every time."""
@@ -122,6 +141,9 @@ class ServingContext:
         )
         self.served_requests += 1
         return Message(tensors=tensors, meta=sign_statement(self.identity, statement).to_meta())
+
+
+_PLAIN_RUN = ServingContext.run
 
 
 def _error_code(exc: Exception) -> str:
@@ -367,7 +389,7 @@ async def _session_step(
         raise LimitExceededError(f"session would exceed its max_length {session.max_length}")
     positions = positions_of(request, batch, tokens)
     mask = attention_mask_of(request, batch, cache.length + tokens)
-    output = await ctx.run(ctx.runner.step, cache, hidden, positions, mask)
+    output = await ctx.run_step(cache, hidden, positions, mask)
     answer = ctx.signed_answer(
         "inference",
         session.start,
