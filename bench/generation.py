@@ -1,6 +1,7 @@
 """Generation benchmark: local Hugging Face model vs. a 3-server local swarm.
 
     python bench/generation.py [--repeats 3] [--new-tokens 64] [--server-threads 1,default]
+        [--chaining on|off|both] [--wan-delay-ms 100 --wan-mbit 100]
 
 One run does, with the real SmolLM2-135M-Instruct (imported once, like `make demo`):
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextvars
+import dataclasses
 import itertools
 import json
 import os
@@ -215,8 +217,19 @@ def _node_main(stats_path: str, argv: list[str]) -> int:
 class Swarm:
     """Three instrumented block servers on loopback, blocks 0:10, 10:20, 20:30."""
 
-    def __init__(self, name: str, model_dir: Path, threads: int | None, work: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        model_dir: Path,
+        threads: int | None,
+        work: Path,
+        wan: tuple[float, float] | None = None,
+    ) -> None:
         self.name = name
+        self.wan = wan  # (one-way delay s, bytes/s): every server behind its own relay
+        self.relay = None
+        self.listen = ["/ip4/127.0.0.1/tcp/0"] * len(BLOCK_SPANS)
+        self.announce: list[str | None] = [None] * len(BLOCK_SPANS)
         self.model_dir = model_dir
         self.threads = threads
         self.work = work / name
@@ -229,7 +242,9 @@ class Swarm:
         cmd = [sys.executable, str(Path(__file__).resolve()), "_node", str(self.stats_files[i])]
         cmd += ["node", "start", "--model", str(self.model_dir), "--blocks", BLOCK_SPANS[i]]
         cmd += ["--identity", str(self.work / f"node{i}.key")]
-        cmd += ["--listen", "/ip4/127.0.0.1/tcp/0", "--log-level", "WARNING"]
+        cmd += ["--listen", self.listen[i], "--log-level", "WARNING"]
+        if self.announce[i]:
+            cmd += ["--announce-addr", self.announce[i]]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         cmd += ["--initial-peers", *initial] if initial else ["--new-swarm"]
@@ -247,6 +262,17 @@ class Swarm:
         raise SystemExit(f"{self.name}: node {i} failed to start; see {self.work}/node{i}.log")
 
     def start_first(self) -> None:
+        if self.wan:
+            from table_swarm import free_ports
+
+            from trustswarm.testing.relay import RelayProcess
+
+            n = len(BLOCK_SPANS)
+            ports = free_ports(2 * n)
+            self.listen = [f"/ip4/127.0.0.1/tcp/{p}" for p in ports[:n]]
+            self.announce = [f"/ip4/127.0.0.1/tcp/{p}" for p in ports[n:]]
+            targets = [("127.0.0.1", p) for p in ports[:n]]
+            self.relay = RelayProcess(targets, *self.wan, listen_ports=ports[n:]).__enter__()
         self.procs.append(self._spawn(0, []))
         self.addrs.append(self._address_of(0, self.procs[0]))
 
@@ -259,6 +285,13 @@ class Swarm:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
+    @property
+    def client_peers(self) -> list[str]:
+        """Where clients join: the first server, through its relay when there is one."""
+        if not self.announce[0]:
+            return self.addrs[:1]
+        return [f"{self.announce[0]}/p2p/{self.addrs[0].split('/p2p/')[1]}"]
+
     def stop(self) -> list[dict]:
         """Stop the servers (SIGTERM: they dump their step records) and return them."""
         for proc in self.procs:
@@ -269,6 +302,9 @@ class Swarm:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if self.relay is not None:
+            self.relay.__exit__(None, None, None)
+            self.relay = None
         records = []
         for i, path in enumerate(self.stats_files):
             if path.is_file():
@@ -276,6 +312,21 @@ class Swarm:
                     rec["server"] = i
                     records.append(rec)
         return records
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One client configuration on one swarm."""
+
+    swarm: Swarm
+    chaining: bool
+    labelled: bool  # both chaining settings run: say which in the name
+
+    @property
+    def name(self) -> str:
+        if not self.labelled:
+            return self.swarm.name
+        return f"{self.swarm.name}/{'chained' if self.chaining else 'hops'}"
 
 
 # -- client side instrumentation --------------------------------------------------------
@@ -671,6 +722,20 @@ def main() -> int:
         default="1,default",
         help="comma list of server --threads settings to compare; 'default' = torch's choice",
     )
+    parser.add_argument(
+        "--chaining",
+        choices=["on", "off", "both"],
+        default="on",
+        help="decode steps server to server (the client's default), client-driven, or both "
+        "(two clients per swarm, alternating)",
+    )
+    parser.add_argument(
+        "--wan-delay-ms",
+        type=float,
+        default=0.0,
+        help="simulated RTT: every server behind its own relay (0: plain loopback)",
+    )
+    parser.add_argument("--wan-mbit", type=float, default=100.0, help="relay bandwidth")
     parser.add_argument("--json", type=Path, default=None, help="also write all results here")
     parser.add_argument(
         "--quiet-wait",
@@ -690,6 +755,8 @@ def main() -> int:
     parser.add_argument("--py-spy-seconds", type=float, default=20.0)
     parser.add_argument("--py-spy-bin", default=shutil.which("py-spy") or "py-spy")
     args = parser.parse_args()
+    if args.wan_delay_ms < 0 or args.wan_mbit <= 0:
+        parser.error("--wan-delay-ms >= 0 and --wan-mbit > 0")
 
     ensure_model(args.model_dir)
     import torch
@@ -708,13 +775,24 @@ def main() -> int:
     )["input_ids"]
     n = args.new_tokens
     work = Path(tempfile.mkdtemp(prefix="trustswarm-bench-"))
+    wan = None
+    if args.wan_delay_ms:
+        from trustswarm.testing.relay import mbit
+
+        wan = (args.wan_delay_ms / 2000, mbit(args.wan_mbit))
     swarms = [
-        Swarm(f"threads-{t or 'default'}", args.model_dir, t, work)
+        Swarm(f"threads-{t or 'default'}", args.model_dir, t, work, wan)
         for t in parse_threads(args.server_threads)
+    ]
+    variants = [
+        Variant(swarm, chaining, args.chaining == "both")
+        for swarm in swarms
+        for chaining in {"on": [True], "off": [False], "both": [True, False]}[args.chaining]
     ]
     print(
         f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, load avg {os.getloadavg()[0]:.2f}",
+        f"torch {torch.__version__}, load avg {os.getloadavg()[0]:.2f}; chaining "
+        f"{args.chaining}, " + (f"relays of {args.wan_delay_ms:g} ms RTT" if wan else "loopback"),
         flush=True,
     )
     models: dict[str, object] = {}
@@ -730,20 +808,22 @@ def main() -> int:
         local = load_local_model(args.model_dir)
         local_threads = torch.get_num_threads()
         probe.install()
-        for swarm in swarms:
-            model = DistributedModelForCausalLM.from_pretrained(args.model_dir, swarm.addrs)
+        for variant in variants:
+            model = DistributedModelForCausalLM.from_pretrained(
+                args.model_dir, variant.swarm.client_peers, chaining=variant.chaining
+            )
             probe.hook(model)
-            models[swarm.name] = model
+            models[variant.name] = model
 
         # Warm-up (not timed): one full generation each.
         warm_local = run_local(local, ids, n)[1]
-        for swarm in swarms:
+        for swarm in variants:
             run_swarm(models[swarm.name], ids, n)
         print(f"warm-up done; local answer: {tokenizer.decode(warm_local).strip()[:100]!r}")
 
         own_pids = [os.getpid(), *(pid for s in swarms for pid in s.pids)]
         local_runs: list[dict] = []
-        swarm_runs: dict[str, list[dict]] = {s.name: [] for s in swarms}
+        swarm_runs: dict[str, list[dict]] = {v.name: [] for v in variants}
         for r in range(args.repeats):
             wait_for_quiet(own_pids, args.quiet_wait)
             with CpuWatch(own_pids) as cpu:
@@ -752,7 +832,7 @@ def main() -> int:
                 {"seconds": seconds, "tokens": tokens, "steps": steps, "foreign": cpu.foreign_cores}
             )
             line = f"repeat {r + 1}: local {n / seconds:6.2f} tok/s"
-            for swarm in swarms:
+            for swarm in variants:
                 probe.enabled = True
                 probe.steps = []
                 with CpuWatch(own_pids) as cpu:
@@ -770,8 +850,9 @@ def main() -> int:
                 line += f" | {swarm.name} {n / seconds:6.2f} tok/s"
             print(line, flush=True)
         if args.py_spy:
-            first = swarms[0]
-            pids = {"client": os.getpid()} | {f"server{i}": p for i, p in enumerate(first.pids)}
+            first = variants[0]
+            pids = {"client": os.getpid()}
+            pids |= {f"server{i}": p for i, p in enumerate(first.swarm.pids)}
             pyspy_phase(
                 args.py_spy_bin,
                 args.py_spy,
@@ -812,7 +893,7 @@ def main() -> int:
         "runs": [{k: v for k, v in run.items() if k != "steps"} for run in local_runs],
     }
     breakdowns: dict[str, dict] = {}
-    for swarm in swarms:
+    for swarm in variants:
         runs = swarm_runs[swarm.name]
         tps = statistics.median(n / run["seconds"] for run in runs)
         same = all(run["tokens"] == reference for run in runs)
@@ -825,7 +906,7 @@ def main() -> int:
             None,
         )
         steps = [s for run in runs for s in run["steps"]]
-        bd = swarm_breakdown(steps, server_records[swarm.name])
+        bd = swarm_breakdown(steps, server_records[swarm.swarm.name])
         breakdowns[swarm.name] = bd
         label = f"swarm, {swarm.name}"
         foreign = max(run["foreign"] for run in runs)
@@ -835,6 +916,8 @@ def main() -> int:
             f"{bd['decode'].get('TOTAL wall', 0):15.1f}{same_text:>13}{foreign:12.2f}c"
         )
         results[swarm.name] = {
+            "chaining": swarm.chaining,
+            "wan_rtt_ms": args.wan_delay_ms,
             "tokens_per_s": tps,
             "ratio": tps / local_tps,
             "same_tokens": same,
@@ -846,7 +929,7 @@ def main() -> int:
     print(
         "(goal: swarm/local >= 0.85; 'foreign CPU' = cores used by other processes, max over runs)"
     )
-    for swarm in swarms:
+    for swarm in variants:
         bd = breakdowns[swarm.name]
         dec, pre = bd["decode"], bd["prefill"]
         print()
