@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import multiaddr
 import trio
 
-from trustswarm.protocol.announcement import Announcement
+from trustswarm.protocol.announcement import Announcement, providers_key
 from trustswarm.protocol.identity import parse_peer_id
 from trustswarm.reputation.score import OK
 
@@ -132,6 +132,46 @@ async def refresh_by_discovery(
     )
     stats.seconds = time.monotonic() - began
     return stats
+
+
+async def refresh_all(client: SwarmClient) -> None:
+    """The old way (and the fallback): ask every known peer and the DHT's providers
+    which servers exist, then every server their info answers named; measure RTTs."""
+    view = client.view
+    candidates: dict[str, list[multiaddr.Multiaddr]] = {
+        str(i.peer_id): list(i.addrs) for i in client.initial_peers
+    }
+    for ann in view.servers.values():
+        candidates.setdefault(ann.peer_id, parse_addrs(ann.addrs))
+    if client.dht is not None and client.dht_lookups:
+        with trio.move_on_after(client.connect_timeout):
+            try:
+                for info in await client.dht.find_providers(providers_key(view.model_id)):
+                    candidates.setdefault(str(info.peer_id), list(info.addrs))
+            except Exception as exc:
+                log.debug("DHT provider lookup failed: %s", exc)
+    unreachable: set[str] = set()
+
+    async def ask(peer: str, addrs: list[multiaddr.Multiaddr]) -> None:
+        info = await client.contact(peer, addrs)
+        if info is None:
+            unreachable.add(peer)
+            return
+        for other in info.known:
+            view.consider(other)
+
+    async with trio.open_nursery() as nursery:
+        for peer, addrs in candidates.items():
+            nursery.start_soon(ask, peer, addrs)
+    # Announcements learned second-hand whose servers we have not contacted yet.
+    fresh = {p: a for p, a in view.servers.items() if p not in candidates}
+    async with trio.open_nursery() as nursery:
+        for peer, ann in fresh.items():
+            nursery.start_soon(ask, peer, parse_addrs(ann.addrs))
+    # Other servers' stores still hold the announcements of servers that just
+    # died; what we could not reach ourselves stays out until it answers again.
+    for peer in unreachable:
+        view.servers.pop(peer, None)
 
 
 def parse_addrs(addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:

@@ -21,7 +21,6 @@ from trustswarm.protocol.announcement import (
     Announcement,
     AnnouncementValidator,
     SignedAnnouncement,
-    providers_key,
 )
 from trustswarm.protocol.errors import SwarmError
 from trustswarm.protocol.evidence import DisagreementReport, Evidence, SignedExchange
@@ -36,7 +35,7 @@ from trustswarm.reputation.score import OK
 
 from .audits import Auditor
 from .discovery import DiscoveryBounds, DiscoveryStats
-from .refresh import parse_addrs, refresh_by_discovery
+from .refresh import parse_addrs, refresh_all, refresh_by_discovery
 from .replicas import segments
 from .reports import send_report
 from .routing import Hop, latency_route, throughput_route
@@ -340,51 +339,13 @@ class SwarmClient:
             stats = await refresh_by_discovery(self, self.discovery)
             self.last_discovery = stats
         if stats is None:
-            await self._refresh_all()
+            await refresh_all(self)
         if self.view.trust is not None and self.dht is not None:
             # Records missed on gossip (joined late, dropped bursts) are in the DHT.
             with trio.move_on_after(self.connect_timeout):
                 await TrustFeed(self.view.trust, self.dht).fetch(
                     list(self.view.servers), self.view.model_id
                 )
-
-    async def _refresh_all(self) -> None:
-        """Ask every known peer (and the DHT) which servers exist; measure RTTs."""
-        candidates: dict[str, list[multiaddr.Multiaddr]] = {
-            str(i.peer_id): list(i.addrs) for i in self.initial_peers
-        }
-        for ann in self.view.servers.values():
-            candidates.setdefault(ann.peer_id, parse_addrs(ann.addrs))
-        if self.dht is not None and self.dht_lookups:
-            with trio.move_on_after(self.connect_timeout):
-                try:
-                    for info in await self.dht.find_providers(providers_key(self.view.model_id)):
-                        candidates.setdefault(str(info.peer_id), list(info.addrs))
-                except Exception as exc:
-                    log.debug("DHT provider lookup failed: %s", exc)
-        unreachable: set[str] = set()
-        async with trio.open_nursery() as nursery:
-            for peer, addrs in candidates.items():
-                nursery.start_soon(self._ask, peer, addrs, unreachable)
-        # Announcements learned second-hand whose servers we have not contacted yet.
-        fresh = {p: a for p, a in self.view.servers.items() if p not in candidates}
-        async with trio.open_nursery() as nursery:
-            for peer, ann in fresh.items():
-                nursery.start_soon(self._ask, peer, parse_addrs(ann.addrs), unreachable)
-        # Other servers' stores still hold the announcements of servers that just
-        # died; what we could not reach ourselves stays out until it answers again.
-        for peer in unreachable:
-            self.view.servers.pop(peer, None)
-
-    async def _ask(
-        self, peer: str, addrs: list[multiaddr.Multiaddr], unreachable: set[str]
-    ) -> None:
-        info = await self.contact(peer, addrs)
-        if info is None:
-            unreachable.add(peer)
-            return
-        for other in info.known:
-            self.view.consider(other)
 
     async def contact(self, peer: str, addrs: list[multiaddr.Multiaddr]) -> ServerInfo | None:
         """Dial `peer` and ask for its info; record its RTT, sessions, the address we

@@ -127,9 +127,10 @@ class DiscoveryPage:
             for key, value in meta.items()
             if key.startswith(RECORD_PREFIX) and isinstance(value, str)
         )[:DISCOVERY_PAGE_RECORDS]
-        raw_matching = meta.get("matching", "0")
-        matching = int(raw_matching) if raw_matching.isascii() and raw_matching.isdigit() else 0
-        return cls(records, check_cursor(meta.get("next", "")), min(matching, 10**9))
+        raw = meta.get("matching", "0")
+        small = raw.isascii() and raw.isdigit() and len(raw) <= 10  # not int("9" * 5000)
+        matching = min(int(raw), 10**9) if small else 0
+        return cls(records, check_cursor(meta.get("next", "")), matching)
 
     def announcements(self) -> tuple[list[SignedAnnouncement], int]:
         """The records that decode (not yet signature-checked), and how many did not."""

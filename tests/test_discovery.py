@@ -51,7 +51,7 @@ from trustswarm.testing.local_swarm import LocalSwarm
 
 DIGEST = "d" * 64
 TEXT = st.text(max_size=40) | st.sampled_from(
-    ["NaN", "inf", "-1", "1e308", "99999999", "", "0", "4096", "7", "１２"]
+    ["NaN", "inf", "-1", "1e308", "99999999", "", "0", "4096", "7", "１２", "9" * 5000]
 )
 
 
