@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import trio
@@ -151,8 +153,12 @@ class ChainedSteps:
     host: IHost
     inboxes: dict[str, _Inbox] = field(default_factory=dict)
     links: _Links = None  # type: ignore[assignment]
-    next_ok_until: dict[str, float] = field(default_factory=dict)  # peer -> its ann's expiry
-    failed_until: dict[str, float] = field(default_factory=dict)
+    # peer -> (start, end, expiry) of the announcement it passed the checks with
+    next_ok: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    # (peer, block, addresses) that failed the checks -> until when it is not retried
+    # (only that request: a client cannot get a good peer refused to other clients by
+    # naming it for other blocks or at addresses where it is not)
+    failed_until: dict[tuple[str, int, tuple[str, ...]], float] = field(default_factory=dict)
     # client -> until when it may name only peers that already passed the checks
     clients_failed_until: dict[str, float] = field(default_factory=dict)
     forwarded: int = 0  # outputs passed on (for tests and the bench)
@@ -255,11 +261,13 @@ class ChainedSteps:
         """The next hop must be another peer that announces (signed, asked of itself)
         this model's blocks from where this session ends, with the manifest's weights."""
         now = time.time()
-        if self.next_ok_until.get(nxt.peer, 0.0) > now:
+        start, end, until = self.next_ok.get(nxt.peer, (0, 0, 0.0))
+        if until > now and start <= session.end < end:
             return
         if nxt.peer == str(ctx.identity.peer_id):
             raise ProtocolError("the next hop is this server")
-        if self.failed_until.get(nxt.peer, 0.0) > now:
+        failed = (nxt.peer, session.end, nxt.addrs)
+        if self.failed_until.get(failed, 0.0) > now:
             raise ProtocolError(f"next hop {nxt.peer} failed its checks recently")
         if self.clients_failed_until.get(client, 0.0) > now:
             raise ProtocolError("this client named a next hop that failed its checks recently")
@@ -270,10 +278,10 @@ class ChainedSteps:
             if not ann.start <= session.end < ann.end:
                 raise ProtocolError(f"it announces blocks {ann.start}:{ann.end}")
         except Exception as exc:
-            self.failed_until[nxt.peer] = now + FAILED_PEER_SECONDS
+            self.failed_until[failed] = now + FAILED_PEER_SECONDS
             self.clients_failed_until[client] = now + FAILED_PEER_SECONDS
             raise ProtocolError(f"next hop {nxt.peer} refused: {exc}") from None
-        self.next_ok_until[nxt.peer] = ann.expires_at
+        self.next_ok[nxt.peer] = (ann.start, ann.end, ann.expires_at)
 
     async def _announcement(self, ctx: ServingContext, nxt: Downstream) -> Announcement:
         """The next hop's own signed announcement of this model with the manifest's
@@ -292,12 +300,10 @@ class ChainedSteps:
         return ann
 
     def _prune(self, now: float) -> None:
-        for table in (self.next_ok_until, self.failed_until, self.clients_failed_until):
-            if len(table) >= MAX_KNOWN_PEERS:
-                for key in [k for k, t in table.items() if t <= now]:
-                    del table[key]
-            while len(table) >= MAX_KNOWN_PEERS:  # all live: forget the oldest entry
-                del table[next(iter(table))]
+        """Keep each table below MAX_KNOWN_PEERS entries: expired ones go first."""
+        _prune(self.next_ok, lambda value: value[2], now)
+        _prune(self.failed_until, float, now)
+        _prune(self.clients_failed_until, float, now)
 
     # -- forwarded inputs from an upstream hop ---------------------------------------
 
@@ -329,6 +335,14 @@ class ChainedSteps:
         except trio.WouldBlock:
             raise ProtocolError("an input for this step was already accepted") from None
         await send_answer(ctx, stream, Message(meta={"accepted": "1"}))
+
+
+def _prune(table: dict, expiry: Callable[[Any], float], now: float) -> None:
+    if len(table) >= MAX_KNOWN_PEERS:
+        for key in [k for k, v in table.items() if expiry(v) <= now]:
+            del table[key]
+    while len(table) >= MAX_KNOWN_PEERS:  # all live: forget the oldest entries
+        del table[next(iter(table))]
 
 
 async def handle_chain(ctx: ServingContext, stream: INetStream) -> None:

@@ -326,10 +326,26 @@ def test_a_next_hop_that_does_not_serve_the_next_blocks_is_refused_without_redia
     # One dial and check (of blocks 4:6), none for the repeat, none for another peer
     # named by the client whose named peer failed, none for itself.
     assert steps.checks == 1
-    assert last.peer_id in steps.failed_until
-    with client(tiny_model_dir, chain_swarm) as model:  # it keeps serving
+    assert [key[:2] for key in steps.failed_until] == [(last.peer_id, 2)]
+
+    async def poison() -> None:  # blocks 2:3 on the middle server, "next" 4:6: refused
+        middle = chain_swarm.servers[1]
+        async with running_host(make_host(Identity.generate()), []) as host:
+            stream, chain = await _raw_session(host, middle, 2, 3)
+            down = Downstream(last.peer_id, tuple(last.addrs), chain.session_id, 0)
+            frame = ChainFrame(5.0, None, down, _step_bytes(chain, hidden))
+            await write_frame(stream, encode_chain_frame(frame))
+            with trio.fail_after(10):
+                raise_if_error((await receive_message(stream))[0])
+            await trio.sleep(0.5)
+
+    chain_swarm.loop.run(poison)
+    assert chain_swarm.servers[1].server.ctx.chained.failed_until
+    # It keeps serving, and the peer a client named for the wrong blocks is not refused
+    # to others for the right ones.
+    with client(tiny_model_dir, chain_swarm) as model:
         run_ = greedy(model, prompt(5), 3)
-    assert run_.session.chained_steps == 3
+    assert run_.session.chained_steps == 3 and not run_.session.chain_failures
 
 
 def test_a_malformed_chain_frame_gets_a_clear_error_and_the_server_keeps_serving(
