@@ -1,7 +1,7 @@
 """Generation benchmark: local Hugging Face model vs. a 3-server local swarm.
 
     python bench/generation.py [--repeats 3] [--new-tokens 64] [--server-threads 1,default]
-        [--chaining on|off|both] [--wan-delay-ms 100 --wan-mbit 100]
+        [--chaining on|off|both] [--wan-delay-ms 100 --wan-mbit 100] [--profile]
 
 One run does, with the real SmolLM2-135M-Instruct (imported once, like `make demo`):
 
@@ -14,18 +14,21 @@ One run does, with the real SmolLM2-135M-Instruct (imported once, like `make dem
 * repeats are interleaved (local, swarm A, swarm B, local, ...) so that load from other
   processes hits every variant alike; the median tokens/s is reported, the CPU time other
   processes took during the timed runs is printed so a noisy run can be recognised;
-* a per-token time breakdown of the swarm, measured in place: the servers run under a thin
-  wrapper (this file, `_node` mode) that times receive/decode, the thread hop, the
-  compute (`BlockRunner.step`), digests + signing, encode and write of every step; the
-  client side times encode/write/wait/decode/verify per hop, the sync->trio bridge and
-  the local embedding / head. Client and server records are joined by (session, step).
+* per-step wall times from a logits processor on both sides (prefill = the first step,
+  decode = the mean of the others), uninstrumented;
+* with `--profile`: where a step's time goes, on the client (embedding + LM head, codec,
+  signature checks, digests, stream writes, waiting for answers) and on each server
+  (codec, digests, signing, thread hop, the runner's own overhead, each block), in ms per
+  decode and prefill step (bench/generation_profile.py: the servers then run under its
+  wrapper). Instrumented runs are slower: take tokens/s from a run without it.
+
+Smoke run (tiny settings, no timing claims): `--new-tokens 4 --repeats 1
+--server-threads 1 --quiet-wait 0 --profile`.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextvars
 import dataclasses
 import itertools
 import json
@@ -40,10 +43,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from generation_profile import ClientProfile, Tally, print_profile
+
 BLOCK_SPANS = ("0:10", "10:20", "20:30")
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-_STEP_STATS = contextvars.ContextVar("trustswarm_bench_step", default=None)
 
 
 # -- CPU accounting: how much of the machine did other processes take? -------------------
@@ -102,120 +106,12 @@ class CpuWatch:
         self.foreign_cores = max(busy - own, 0) / _CLK_TCK / seconds
 
 
-# -- server side: `python bench/generation.py _node STATS.json <node start args>` ---------
-
-
-async def _timed_send(framing, stream, message, limits):
-    """Encode and write one frame; return the payload and the three timestamps."""
-    t0 = time.perf_counter()
-    payload = framing.encode_message(message, limits)
-    t1 = time.perf_counter()
-    await framing.write_frame(stream, payload)
-    return payload, t0, t1, time.perf_counter()
-
-
-def _node_main(stats_path: str, argv: list[str]) -> int:
-    """Run `trustswarm node start` with timers around every stage of a request."""
-    from time import perf_counter
-
-    import trustswarm.node.handlers as handlers
-    from trustswarm.cli import main
-    from trustswarm.protocol import framing
-    from trustswarm.protocol.limits import DEFAULT_LIMITS
-
-    records: list[dict] = []
-
-    def dump() -> None:
-        Path(stats_path).write_text(json.dumps(records))
-
-    atexit.register(dump)
-
-    async def receive_message(stream, limits=DEFAULT_LIMITS):
-        payload = await framing.read_frame(stream, limits)
-        t = perf_counter()
-        message = framing.decode_message(payload, limits)
-        rec = {
-            "arrive": t,
-            "decode": perf_counter() - t,
-            "bytes_in": len(payload),
-            "session": message.meta.get("session_id", ""),
-            "step": message.meta.get("step"),
-        }
-        _STEP_STATS.set(rec)
-        return message, payload
-
-    async def send_message(stream, message, limits=DEFAULT_LIMITS):
-        payload, t0, t1, t2 = await _timed_send(framing, stream, message, limits)
-        rec = _STEP_STATS.get()
-        if rec is not None and "compute" in rec:
-            rec.update(encode=t1 - t0, write=t2 - t1, done=t2, bytes_out=len(payload))
-            records.append(rec)
-            _STEP_STATS.set(None)
-        return payload
-
-    original_run = handlers.ServingContext.run
-
-    async def run(self, fn, *args, **kwargs):
-        box: dict[str, float] = {}
-
-        def timed(*a):
-            box["thread_in"] = perf_counter()
-            try:
-                return fn(*a)
-            finally:
-                box["compute"] = perf_counter() - box["thread_in"]
-
-        t0 = perf_counter()
-        out = await original_run(self, timed, *args, **kwargs)
-        t1 = perf_counter()
-        rec = _STEP_STATS.get()
-        if rec is not None:
-            rec.update(
-                validate=t0 - rec["arrive"] - rec["decode"],
-                run=t1 - t0,
-                compute=box.get("compute", 0.0),
-                hop_in=box.get("thread_in", t0) - t0,
-            )
-        return out
-
-    original_signed_answer = handlers.ServingContext.signed_answer
-    original_sign = handlers.sign_statement
-    original_tensors_digest = handlers.tensors_digest
-    original_bytes_digest = handlers.bytes_digest
-
-    def add(key: str, seconds: float) -> None:
-        rec = _STEP_STATS.get()
-        if rec is not None:
-            rec[key] = rec.get(key, 0.0) + seconds
-
-    def timed_call(key: str, fn):
-        def wrapper(*a, **kw):
-            t = perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                add(key, perf_counter() - t)
-
-        return wrapper
-
-    handlers.receive_message = receive_message
-    handlers.send_message = send_message
-    handlers.ServingContext.run = run
-    handlers.ServingContext.signed_answer = timed_call("sign_total", original_signed_answer)
-    handlers.sign_statement = timed_call("sign_ed25519", original_sign)
-    handlers.tensors_digest = timed_call("digest", original_tensors_digest)
-    handlers.bytes_digest = timed_call("digest", original_bytes_digest)
-    try:
-        return main(argv)
-    finally:
-        dump()
-
-
 # -- swarm processes --------------------------------------------------------------------
 
 
 class Swarm:
-    """Three instrumented block servers on loopback, blocks 0:10, 10:20, 20:30."""
+    """Three block servers on loopback, blocks 0:10, 10:20, 20:30 (profiled with
+    `profile`: they run under bench/generation_profile.py and write its tallies)."""
 
     def __init__(
         self,
@@ -224,8 +120,10 @@ class Swarm:
         threads: int | None,
         work: Path,
         wan: tuple[float, float] | None = None,
+        profile: bool = False,
     ) -> None:
         self.name = name
+        self.profile = profile
         self.wan = wan  # (one-way delay s, bytes/s): every server behind its own relay
         self.relay = None
         self.listen = ["/ip4/127.0.0.1/tcp/0"] * len(BLOCK_SPANS)
@@ -236,10 +134,13 @@ class Swarm:
         self.work.mkdir(parents=True)
         self.procs: list[subprocess.Popen] = []
         self.addrs: list[str] = []
-        self.stats_files = [self.work / f"node{i}.stats.json" for i in range(len(BLOCK_SPANS))]
+        self.tally_files = [self.work / f"node{i}.tally.json" for i in range(len(BLOCK_SPANS))]
 
     def _spawn(self, i: int, initial: list[str]) -> subprocess.Popen:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "_node", str(self.stats_files[i])]
+        cmd = [sys.executable, "-m", "trustswarm"]
+        if self.profile:
+            wrapper = Path(__file__).resolve().with_name("generation_profile.py")
+            cmd = [sys.executable, str(wrapper), str(self.tally_files[i])]
         cmd += ["node", "start", "--model", str(self.model_dir), "--blocks", BLOCK_SPANS[i]]
         cmd += ["--identity", str(self.work / f"node{i}.key")]
         cmd += ["--listen", self.listen[i], "--log-level", "WARNING"]
@@ -292,8 +193,9 @@ class Swarm:
             return self.addrs[:1]
         return [f"{self.announce[0]}/p2p/{self.addrs[0].split('/p2p/')[1]}"]
 
-    def stop(self) -> list[dict]:
-        """Stop the servers (SIGTERM: they dump their step records) and return them."""
+    def stop(self) -> list[tuple[str, Tally]]:
+        """Stop the servers (SIGTERM: profiled ones write their tallies) and return the
+        tallies, named by server and span."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -305,13 +207,11 @@ class Swarm:
         if self.relay is not None:
             self.relay.__exit__(None, None, None)
             self.relay = None
-        records = []
-        for i, path in enumerate(self.stats_files):
-            if path.is_file():
-                for rec in json.loads(path.read_text()):
-                    rec["server"] = i
-                    records.append(rec)
-        return records
+        return [
+            (f"server {i} (blocks {BLOCK_SPANS[i]})", Tally.from_json(json.loads(path.read_text())))
+            for i, path in enumerate(self.tally_files)
+            if path.is_file()
+        ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,142 +227,6 @@ class Variant:
         if not self.labelled:
             return self.swarm.name
         return f"{self.swarm.name}/{'chained' if self.chaining else 'hops'}"
-
-
-# -- client side instrumentation --------------------------------------------------------
-
-
-class ClientProbe:
-    """Times every step of DistributedModelForCausalLM.generate, per hop and per stage."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict] = []  # one per SyncInferenceSession.step call
-        self.opens: list[float] = []
-        self.enabled = False
-
-    def install(self) -> None:
-        """Patch the client classes (once per process)."""
-        from time import perf_counter
-
-        import trustswarm.client.model as client_model
-        import trustswarm.client.session as session_mod
-        from trustswarm.protocol import framing
-        from trustswarm.protocol.limits import DEFAULT_LIMITS
-
-        probe = self
-        hop_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hop", default=None)
-
-        async def send_message(stream, message, limits=DEFAULT_LIMITS):
-            payload, t0, t1, t2 = await _timed_send(framing, stream, message, limits)
-            hop = hop_var.get()
-            if hop is not None:
-                hop.update(encode=t1 - t0, write=t2 - t1, written=t2, bytes_out=len(payload))
-            return payload
-
-        async def receive_message(stream, limits=DEFAULT_LIMITS):
-            t0 = perf_counter()
-            payload = await framing.read_frame(stream, limits)
-            t1 = perf_counter()
-            message = framing.decode_message(payload, limits)
-            t2 = perf_counter()
-            hop = hop_var.get()
-            if hop is not None:
-                hop.update(wait=t1 - t0, received=t1, decode=t2 - t1, bytes_in=len(payload))
-            return message, payload
-
-        original_checked = session_mod.checked_statement
-
-        def checked_statement(*a, **kw):
-            t = perf_counter()
-            try:
-                return original_checked(*a, **kw)
-            finally:
-                hop = hop_var.get()
-                if hop is not None:
-                    hop["verify"] = perf_counter() - t
-
-        original_send_step = session_mod.InferenceSession._send_step
-
-        async def _send_step(self, hop, hidden, positions, mask):
-            rec = {"session": hop.session_id, "step": str(hop.step), "start": perf_counter()}
-            token = hop_var.set(rec)
-            try:
-                return await original_send_step(self, hop, hidden, positions, mask)
-            finally:
-                rec["total"] = perf_counter() - rec["start"]
-                hop_var.reset(token)
-                current = probe.steps[-1] if probe.steps else None
-                if probe.enabled and current is not None:
-                    current["hops"].append(rec)
-
-        original_async_step = session_mod.InferenceSession.step
-
-        async def async_step(self, hidden, positions, mask):
-            t = perf_counter()
-            if probe.enabled:
-                probe.steps.append({"begin": t, "hops": [], "tokens": hidden.shape[1]})
-            try:
-                return await original_async_step(self, hidden, positions, mask)
-            finally:
-                if probe.enabled and probe.steps:
-                    probe.steps[-1]["async"] = perf_counter() - t
-
-        # Only when generate drives the session from the caller's thread, step by step.
-        original_sync_step = client_model.SyncInferenceSession.step
-
-        def sync_step(self, hidden, positions, mask):
-            t = perf_counter()
-            try:
-                return original_sync_step(self, hidden, positions, mask)
-            finally:
-                if probe.enabled and probe.steps:
-                    probe.steps[-1]["sync"] = perf_counter() - t
-
-        original_open = session_mod.InferenceSession.open
-
-        async def open_session(self):
-            t = perf_counter()
-            try:
-                return await original_open(self)
-            finally:
-                if probe.enabled:
-                    probe.opens.append(perf_counter() - t)
-
-        session_mod.send_message = send_message
-        session_mod.receive_message = receive_message
-        session_mod.checked_statement = checked_statement
-        session_mod.InferenceSession._send_step = _send_step
-        session_mod.InferenceSession.step = async_step
-        client_model.SyncInferenceSession.step = sync_step
-        session_mod.InferenceSession.open = open_session
-
-    def hook(self, model) -> None:
-        """Timers on one model's local parts: embedding and norm + LM head (logits_of)."""
-        from time import perf_counter
-
-        probe = self
-        began = [0.0]
-
-        def embed_pre(_module, _inputs):
-            began[0] = perf_counter()
-
-        def embed_post(_module, _inputs, _output):
-            if probe.enabled and probe.steps:
-                probe.steps[-1]["embed"] = perf_counter() - began[0]
-
-        model.embed_tokens.register_forward_pre_hook(embed_pre)
-        model.embed_tokens.register_forward_hook(embed_post)
-        original_logits_of = model.logits_of
-
-        def logits_of(hidden):
-            t = perf_counter()
-            try:
-                return original_logits_of(hidden)
-            finally:
-                if probe.enabled and probe.steps:
-                    probe.steps[-1]["head"] = perf_counter() - t
-
-        model.logits_of = logits_of
 
 
 # -- the two sides ----------------------------------------------------------------------
@@ -529,14 +293,31 @@ def run_local(model, ids, new_tokens: int) -> tuple[float, list[int], list[float
 
 
 def run_swarm(model, ids, new_tokens: int) -> tuple[float, list[int]]:
+    """Seconds and new tokens of one greedy generation (bench/side_by_side.py uses it)."""
+    seconds, tokens, _steps = run_swarm_steps(model, ids, new_tokens)
+    return seconds, tokens
+
+
+def run_swarm_steps(model, ids, new_tokens: int) -> tuple[float, list[int], list[float]]:
+    """run_swarm, and each step's wall time (prefill first) from a logits processor."""
+    from transformers import LogitsProcessorList
+
+    clock = StepClock()
     began = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
+    out = model.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=[],
+        logits_processor=LogitsProcessorList([clock]),
+    )
     seconds = time.perf_counter() - began
     if out.shape[1] - ids.shape[1] != new_tokens:
         raise SystemExit(
             f"swarm generate made {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}"
         )
-    return seconds, out[0, ids.shape[1] :].tolist()
+    steps = [clock.times[0] - began] + [b - a for a, b in itertools.pairwise(clock.times)]
+    return seconds, out[0, ids.shape[1] :].tolist(), steps
 
 
 # -- analysis ---------------------------------------------------------------------------
@@ -544,93 +325,6 @@ def run_swarm(model, ids, new_tokens: int) -> tuple[float, list[int]]:
 
 def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else 0.0
-
-
-def swarm_breakdown(steps: list[dict], server_records: list[dict]) -> dict[str, dict]:
-    """Mean ms per step for prefill and decode steps, by stage."""
-    by_key = {(r["session"], str(r["step"])): r for r in server_records}
-    rows: dict[str, dict[str, list[float]]] = {
-        "prefill": defaultdict(list),
-        "decode": defaultdict(list),
-    }
-    for i, step in enumerate(steps):
-        kind = "prefill" if step["tokens"] > 1 else "decode"
-        nxt = steps[i + 1]["begin"] if i + 1 < len(steps) and steps[i + 1]["tokens"] == 1 else None
-        if nxt is None or "async" not in step:
-            continue  # the last step of a run has no successor to measure its wall time by
-        acc = defaultdict(float)
-        missing = False
-        for hop in step["hops"]:
-            srv = by_key.get((hop["session"], hop["step"]))
-            if srv is None or "wait" not in hop:
-                missing = True
-                break
-            service = srv["done"] - srv["arrive"]
-            acc["compute"] += srv["compute"]
-            acc["server thread hop"] += srv["run"] - srv["compute"]
-            acc["server digests"] += srv.get("digest", 0.0)
-            acc["server ed25519 sign+stmt"] += srv.get("sign_total", 0.0) - srv.get("digest", 0.0)
-            acc["server codec+validate"] += srv["decode"] + srv["encode"] + srv["validate"]
-            acc["client codec"] += hop["encode"] + hop["decode"]
-            acc["client verify"] += hop["verify"]
-            transfer = hop["wait"] - service
-            acc["transport: client write (yamux+noise+send)"] += hop["write"]
-            acc["transport: server write (yamux+noise+send)"] += srv["write"]
-            acc["transport: in flight, both ways (recv+wakeup)"] += transfer
-            acc["client hop other"] += hop["total"] - (
-                hop["encode"] + hop["write"] + hop["wait"] + hop["decode"] + hop["verify"]
-            )
-            acc["server other"] += service - (
-                srv["decode"]
-                + srv["validate"]
-                + srv["run"]
-                + srv.get("sign_total", 0.0)
-                + srv["encode"]
-                + srv["write"]
-            )
-        if missing:
-            continue
-        sync = step.get("sync", step["async"])  # no sync call: generate runs on the loop
-        acc["client sync->trio bridge"] = sync - step["async"]
-        acc["client session.step other"] = step["async"] - sum(h["total"] for h in step["hops"])
-        acc["client head (norm+lm_head)"] = step.get("head", 0.0)
-        acc["client embed"] = step.get("embed", 0.0)
-        wall = nxt - step["begin"]
-        acc["client other (argmax, cat, ...)"] = (
-            wall - sync - acc["client head (norm+lm_head)"] - acc["client embed"]
-        )
-        acc["TOTAL wall"] = wall
-        for key, value in acc.items():
-            rows[kind][key].append(value * 1000)
-    return {
-        kind: {key: _mean(values) for key, values in stages.items()}
-        | {"n": len(stages.get("TOTAL wall", []))}
-        for kind, stages in rows.items()
-    }
-
-
-GROUPS = {
-    "compute (sum of 3 servers)": ["compute"],
-    "network + framing": [
-        "transport: client write (yamux+noise+send)",
-        "transport: server write (yamux+noise+send)",
-        "transport: in flight, both ways (recv+wakeup)",
-        "client codec",
-        "server codec+validate",
-    ],
-    "signing / verification": ["server digests", "server ed25519 sign+stmt", "client verify"],
-    "client head + embedding": ["client head (norm+lm_head)", "client embed"],
-    "thread hops (server to_thread, client bridge)": [
-        "server thread hop",
-        "client sync->trio bridge",
-    ],
-    "other": [
-        "client hop other",
-        "server other",
-        "client session.step other",
-        "client other (argmax, cat, ...)",
-    ],
-}
 
 
 # -- optional py-spy phase (after the timed runs, so it cannot distort them) ----------------
@@ -753,6 +447,12 @@ def main() -> int:
         "py-spy (pip install py-spy) for --py-spy-seconds and summarise where time goes",
     )
     parser.add_argument("--py-spy-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print where a step's time goes on the client and on each server "
+        "(instrumented: tokens/s of such a run are lower than without it)",
+    )
     parser.add_argument("--py-spy-bin", default=shutil.which("py-spy") or "py-spy")
     args = parser.parse_args()
     if args.wan_delay_ms < 0 or args.wan_mbit <= 0:
@@ -781,7 +481,7 @@ def main() -> int:
 
         wan = (args.wan_delay_ms / 2000, mbit(args.wan_mbit))
     swarms = [
-        Swarm(f"threads-{t or 'default'}", args.model_dir, t, work, wan)
+        Swarm(f"threads-{t or 'default'}", args.model_dir, t, work, wan, args.profile)
         for t in parse_threads(args.server_threads)
     ]
     variants = [
@@ -796,7 +496,10 @@ def main() -> int:
         flush=True,
     )
     models: dict[str, object] = {}
-    probe = ClientProbe()
+    # One client tally per swarm, as its servers keep one (with --chaining both, the
+    # chained and the client-driven client of a swarm share it).
+    profile = ClientProfile(enabled=args.profile)
+    tallies = {s.name: Tally() for s in swarms}
     results: dict[str, dict] = {}
     try:
         t = time.perf_counter()
@@ -807,18 +510,27 @@ def main() -> int:
         print(f"started {len(swarms)} swarm(s) of 3 servers in {time.perf_counter() - t:.1f} s")
         local = load_local_model(args.model_dir)
         local_threads = torch.get_num_threads()
-        probe.install()
+        if args.profile:
+            profile.install()
         for variant in variants:
             model = DistributedModelForCausalLM.from_pretrained(
                 args.model_dir, variant.swarm.client_peers, chaining=variant.chaining
             )
-            probe.hook(model)
+            if args.profile:
+                profile.hook(model)
             models[variant.name] = model
+
+        def generate(variant: Variant) -> tuple[float, list[int], list[float]]:
+            profile.tally = tallies[variant.swarm.name]  # servers count every step too
+            try:
+                return run_swarm_steps(models[variant.name], ids, n)
+            finally:
+                profile.run_ended()
 
         # Warm-up (not timed): one full generation each.
         warm_local = run_local(local, ids, n)[1]
         for swarm in variants:
-            run_swarm(models[swarm.name], ids, n)
+            generate(swarm)
         print(f"warm-up done; local answer: {tokenizer.decode(warm_local).strip()[:100]!r}")
 
         own_pids = [os.getpid(), *(pid for s in swarms for pid in s.pids)]
@@ -833,17 +545,13 @@ def main() -> int:
             )
             line = f"repeat {r + 1}: local {n / seconds:6.2f} tok/s"
             for swarm in variants:
-                probe.enabled = True
-                probe.steps = []
                 with CpuWatch(own_pids) as cpu:
-                    seconds, tokens = run_swarm(models[swarm.name], ids, n)
-                probe.enabled = False
+                    seconds, tokens, steps = generate(swarm)
                 swarm_runs[swarm.name].append(
                     {
                         "seconds": seconds,
                         "tokens": tokens,
-                        "steps": probe.steps,
-                        "open": probe.opens[-1] if probe.opens else 0.0,
+                        "steps": steps,
                         "foreign": cpu.foreign_cores,
                     }
                 )
@@ -851,6 +559,7 @@ def main() -> int:
             print(line, flush=True)
         if args.py_spy:
             first = variants[0]
+            profile.tally = tallies[first.swarm.name]
             pids = {"client": os.getpid()}
             pids |= {f"server{i}": p for i, p in enumerate(first.swarm.pids)}
             pyspy_phase(
@@ -865,7 +574,7 @@ def main() -> int:
     finally:
         for model in models.values():
             model.close()
-        server_records = {s.name: s.stop() for s in swarms}
+        server_tallies = {s.name: s.stop() for s in swarms}
 
     # -- report ---------------------------------------------------------------------------
     local_tps = statistics.median(n / run["seconds"] for run in local_runs)
@@ -892,7 +601,6 @@ def main() -> int:
         "torch_threads": local_threads,
         "runs": [{k: v for k, v in run.items() if k != "steps"} for run in local_runs],
     }
-    breakdowns: dict[str, dict] = {}
     for swarm in variants:
         runs = swarm_runs[swarm.name]
         tps = statistics.median(n / run["seconds"] for run in runs)
@@ -905,52 +613,36 @@ def main() -> int:
             ),
             None,
         )
-        steps = [s for run in runs for s in run["steps"]]
-        bd = swarm_breakdown(steps, server_records[swarm.swarm.name])
-        breakdowns[swarm.name] = bd
+        prefill = _mean([1000 * run["steps"][0] for run in runs])
+        decode = _mean([1000 * s for run in runs for s in run["steps"][1:]])
         label = f"swarm, {swarm.name}"
         foreign = max(run["foreign"] for run in runs)
         same_text = "yes" if same else f"no (@{first_diff})"
         print(
-            f"{label:<22}{tps:8.2f}{tps / local_tps:13.2f}{bd['prefill'].get('TOTAL wall', 0):12.1f}"
-            f"{bd['decode'].get('TOTAL wall', 0):15.1f}{same_text:>13}{foreign:12.2f}c"
+            f"{label:<22}{tps:8.2f}{tps / local_tps:13.2f}{prefill:12.1f}"
+            f"{decode:15.1f}{same_text:>13}{foreign:12.2f}c"
         )
         results[swarm.name] = {
             "chaining": swarm.chaining,
             "wan_rtt_ms": args.wan_delay_ms,
+            "profiled": args.profile,
             "tokens_per_s": tps,
             "ratio": tps / local_tps,
+            "prefill_ms": prefill,
+            "decode_ms": decode,
             "same_tokens": same,
             "first_difference": first_diff,
-            "session_open_ms": _mean([1000 * run["open"] for run in runs]),
-            "breakdown_ms": bd,
             "runs": [{k: v for k, v in run.items() if k != "steps"} for run in runs],
         }
     print(
-        "(goal: swarm/local >= 0.85; 'foreign CPU' = cores used by other processes, max over runs)"
+        "(goal: swarm/local >= 0.9; 'foreign CPU' = cores used by other processes, max over runs)"
     )
-    for swarm in variants:
-        bd = breakdowns[swarm.name]
-        dec, pre = bd["decode"], bd["prefill"]
-        print()
-        print(
-            f"--- {swarm.name}: ms per step (decode mean over {dec.get('n', 0)} steps; "
-            f"prefill {pre.get('n', 0)}); session open "
-            f"{results[swarm.name]['session_open_ms']:.1f} ms per generate ---"
-        )
-        print(f"{'stage':<48}{'decode':>9}{'prefill':>9}")
-        for group, keys in GROUPS.items():
-            print(
-                f"{group:<48}{sum(dec.get(k, 0) for k in keys):9.2f}"
-                f"{sum(pre.get(k, 0) for k in keys):9.2f}"
+    if args.profile:
+        for swarm in swarms:
+            print(f"\n##### {swarm.name}: local HF {local_decode:.2f} ms per decode step")
+            results[f"profile {swarm.name}"] = print_profile(
+                tallies[swarm.name], server_tallies[swarm.name]
             )
-            for key in keys:
-                if len(keys) > 1:
-                    print(f"  {key:<46}{dec.get(key, 0):9.2f}{pre.get(key, 0):9.2f}")
-        print(
-            f"{'TOTAL (wall per step)':<48}{dec.get('TOTAL wall', 0):9.2f}{pre.get('TOTAL wall', 0):9.2f}"
-        )
-        print(f"{'local HF for comparison':<48}{local_decode:9.2f}{local_prefill:9.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
         print(f"\nresults written to {args.json}")
@@ -958,6 +650,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "_node":
-        sys.exit(_node_main(sys.argv[2], sys.argv[3:]))
     sys.exit(main())
