@@ -47,7 +47,10 @@ class BatchLimits:
 
     max_steps: int = 8  # sessions in one batch
     max_query_cells: int = 256  # rows x the longest step's new tokens
-    max_kv_cells: int = 64 * 1024  # rows x (the longest past + the longest step)
+    # rows x (the longest past + the longest step): the temporary padded cache a pass
+    # copies the members' pasts into (8 sessions of 2048 tokens; ~250 MB for 10 blocks
+    # of SmolLM2 in float32)
+    max_kv_cells: int = 16 * 1024
     # Padded cells may exceed the real ones by at most this fraction (queries, keys).
     max_query_padding: float = 0.25
     max_kv_padding: float = 1.0
