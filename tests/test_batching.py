@@ -466,3 +466,35 @@ def test_a_hostile_client_does_not_disturb_its_batch_mates(tiny_model_dir, batch
     assert "answer" in replies and any(r != "answer" for r in replies)  # it was served
     for m in models:  # nobody was banned or blamed
         assert not m.swarm.view.bans
+
+
+def test_node_start_batches_unless_told_not_to(tmp_path: Path) -> None:
+    import argparse
+
+    from trustswarm.node.cli import register
+    from trustswarm.node.config import ServerConfig
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    base = ["node", "start", "--model", str(tmp_path), "--identity", "k", "--new-swarm"]
+    assert parser.parse_args(base).batch_steps is True
+    assert parser.parse_args([*base, "--no-batching"]).batch_steps is False
+    assert ServerConfig().batch_steps is True
+    with pytest.raises(ValueError):
+        ServerConfig(batch_steps="no")  # type: ignore[arg-type]
+
+
+def test_a_server_told_not_to_batch_runs_steps_alone(tiny_model_dir: Path) -> None:
+    from trustswarm.client import DistributedModelForCausalLM
+    from trustswarm.node.config import ServerConfig
+    from trustswarm.testing.local_swarm import LocalSwarm
+
+    swarm = LocalSwarm(tiny_model_dir)
+    try:
+        server = swarm.start_server((0, 6), config=ServerConfig(batch_steps=False))
+        assert server.server.ctx.batcher is None
+        with DistributedModelForCausalLM.from_pretrained(tiny_model_dir, swarm.initial_peers) as m:
+            tokens = m.generate(PROMPTS[0], max_new_tokens=4, do_sample=False)
+        assert tokens.shape == (1, PROMPTS[0].shape[1] + 4)
+    finally:
+        swarm.close()
