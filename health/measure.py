@@ -10,7 +10,9 @@ subtracted, so what is left is the server's compute and the transfer of a few KB
 
 The cost to servers is bounded: at most one request per server per `every` seconds
 (jittered), `concurrency` requests at once over all models, `tokens` <= MAX_TOKENS,
-each ended after `timeout` seconds. Off with `MeasureConfig(enabled=False)`.
+each ended after `timeout` seconds. Off with `MeasureConfig(enabled=False)`. A server
+whose last request failed waits FAILED_BACKOFF times longer: with one request at a time,
+Sybils that stall until the timeout must not starve the measurement of everyone else.
 
 A server whose measured speed times `boast_factor` is still below its announcement is
 flagged as boasting. The factor is generous: a server measures itself idle, we measure
@@ -23,6 +25,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +46,7 @@ MAX_TOKENS = 256
 MIN_COMPUTE_SHARE = 0.25
 _MAX_ERROR = 200
 SCAN_EVERY = 2.0  # seconds between looks for servers that are due
+FAILED_BACKOFF = 4.0
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ class ThroughputProbe:
     limiter: trio.CapacityLimiter  # shared by the probes of every model
     rng: random.Random = field(default_factory=random.Random)
     results: dict[str, Measurement] = field(default_factory=dict)
-    requests: int = 0  # sent so far (the cost to the swarm, for tests and logs)
+    requests: Counter[str] = field(default_factory=Counter)  # sent so far, per peer id
     _due: dict[str, float] = field(default_factory=dict)  # peer id -> monotonic time
 
     async def run(self, client: SwarmClient) -> None:
@@ -156,9 +160,11 @@ class ThroughputProbe:
         positions: torch.Tensor,
         borrower: object,
     ) -> None:
-        self.requests += 1
+        self.requests[ann.peer_id] += 1
+        delay = self.config.every * FAILED_BACKOFF
         try:
             self.results[ann.peer_id] = await self.measure(client, ann, hidden, positions)
+            delay = self.config.every
         except Exception as exc:  # noqa: BLE001 - whatever the server did, it is a result
             self.results[ann.peer_id] = Measurement(
                 time.time(), self.config.tokens, None, None, None, _short(exc)
@@ -166,7 +172,7 @@ class ThroughputProbe:
         finally:
             self.limiter.release_on_behalf_of(borrower)
             jitter = self.rng.uniform(0.9, 1.1)  # servers cannot time our visits exactly
-            self._due[ann.peer_id] = time.monotonic() + self.config.every * jitter
+            self._due[ann.peer_id] = time.monotonic() + delay * jitter
 
     async def measure(
         self, client: SwarmClient, ann: Announcement, hidden: torch.Tensor, positions: torch.Tensor

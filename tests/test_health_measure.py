@@ -18,6 +18,7 @@ from trustswarm.cli import main
 from trustswarm.health.collect import HealthCollector, load_manifest
 from trustswarm.health.errors import HealthError
 from trustswarm.health.measure import (
+    FAILED_BACKOFF,
     MAX_TOKENS,
     MIN_COMPUTE_SHARE,
     MeasureConfig,
@@ -203,13 +204,15 @@ def test_measurements_reach_page_json_and_metrics(measured):  # noqa: ANN001
 
 
 def test_each_server_is_measured_at_most_once_per_interval(measured):  # noqa: ANN001
-    collector, *_servers, began = measured
+    collector, honest, boaster, liar, began = measured
     time.sleep(3.0)
     probe = collector.watches[collector.latest.models[0].model_id].probe
     elapsed = time.monotonic() - began
-    # 3 servers, one request each per EVERY * 0.9 s at most (jitter), plus the first round
-    assert probe.requests <= 3 * (elapsed / (EVERY * 0.9) + 1)
-    assert probe.requests >= 3
+    # one request per server per EVERY * 0.9 s at most (jitter), plus the first round
+    for server in (honest, boaster):
+        assert 1 <= probe.requests[server.peer_id] <= elapsed / (EVERY * 0.9) + 1
+    # a server whose answers fail waits FAILED_BACKOFF times longer between requests
+    assert 1 <= probe.requests[liar.peer_id] <= elapsed / (EVERY * FAILED_BACKOFF * 0.9) + 1
 
 
 def test_no_measuring_without_a_manifest_or_when_off(tiny_model_dir: Path):
