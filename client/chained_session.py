@@ -25,6 +25,7 @@ import trio
 
 from trustswarm.protocol.chained import (
     INPUT_MISSING,
+    MAX_ADDR_CHARS,
     MAX_ADDRS,
     MAX_CHAIN_TOKENS,
     MAX_FORWARD_SECONDS,
@@ -36,7 +37,7 @@ from trustswarm.protocol.chained import (
     splice_hidden,
 )
 from trustswarm.protocol.codec import Message, encode_message
-from trustswarm.protocol.errors import BUSY, RemoteError, SwarmError
+from trustswarm.protocol.errors import BUSY, ProtocolError, RemoteError, SwarmError
 from trustswarm.protocol.evidence import SignedExchange
 from trustswarm.protocol.framing import receive_message, write_frame
 
@@ -102,7 +103,8 @@ class ChainedInferenceSession(InferenceSession):
             upstream = Upstream(up.peer, up.session_id, up.step)
         if i + 1 < len(hops):
             down = hops[i + 1]
-            addrs = tuple(self.swarm.view.servers[down.peer].addrs[:MAX_ADDRS])
+            announced = self.swarm.view.servers[down.peer].addrs
+            addrs = tuple(a for a in announced if len(a) <= MAX_ADDR_CHARS)[:MAX_ADDRS]
             downstream = Downstream(down.peer, addrs, down.session_id, down.step)
         return encode_chain_frame(ChainFrame(self.chain_wait, upstream, downstream, request))
 
@@ -114,12 +116,17 @@ class ChainedInferenceSession(InferenceSession):
             _step_request(hop, hidden if i == 0 else torch.zeros_like(hidden), positions, mask)
             for i, hop in enumerate(hops)
         ]
+        try:
+            frames = [self._frame(hops, i, request) for i, request in enumerate(requests)]
+        except (ProtocolError, KeyError) as exc:  # ours (a view without addresses): no hop's
+            log.info("step not chained: %s", exc)
+            return await self._run_hops(0, hidden, positions, mask)
         # Last hop first: if a send fails, no hop before it has started the chain, so
         # the step runs client-driven from the first hop.
         for i in reversed(range(len(hops))):
             try:
                 with trio.fail_after(self.timeout):
-                    await write_frame(hops[i].stream, self._frame(hops, i, requests[i]))
+                    await write_frame(hops[i].stream, frames[i])
             except Exception as exc:
                 return await self._fall_back(hops, i, exc, 0, hidden, positions, mask)
         current = hidden

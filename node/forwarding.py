@@ -13,9 +13,10 @@ Limits, because a client names the next hop: a hop forwards only to another peer
 signed announcement (asked of the peer itself) serves this model's next blocks with the
 manifest's weights, at most one output per executed step (never more bytes than the
 step's own output: no amplification), over at most MAX_LINKS kept streams, within
-MAX_FORWARD_SECONDS. A peer that failed those checks is not dialled again for
-FAILED_PEER_SECONDS, and a client that named it may name only already-checked peers for
-as long: one client session cannot make a server dial a list of addresses.
+MAX_FORWARD_SECONDS. A check that failed is not retried for FAILED_PEER_SECONDS (for that
+peer, block and addresses only: a client cannot get a good peer refused to others), and
+a client that named it may name only already-checked peers for as long: one client
+session cannot make a server dial a list of addresses.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_WAIT = 10.0  # seconds a hop may be asked to wait for its input
 MAX_ADDRS = 8
 MAX_ADDR_CHARS = 256
+MAX_PEER_ID_CHARS = 128
 MAX_STEP = 2**31
 MAX_CHAIN_TOKENS = 64  # a chained step's tokens (prefills go hop by hop)
 # The longest a hop spends passing one output on (dial, announcement check, send and
@@ -118,7 +119,19 @@ def encode_chain_frame(frame: ChainFrame) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode()
     if len(raw) > MAX_HEADER_BYTES:
         raise LimitExceededError("chain frame header too large")
+    _check_header(header)  # never send what a hop has to refuse
     return MAGIC + _LENGTH.pack(len(raw)) + raw + frame.request
+
+
+def _check_header(header: object) -> tuple[float, Upstream | None, Downstream | None]:
+    if not isinstance(header, dict) or set(header) != {"wait", "upstream", "next"}:
+        raise ProtocolError("chain frame header must hold exactly wait, upstream and next")
+    wait = header["wait"]
+    if type(wait) not in (int, float) or not math.isfinite(wait) or not 0 < wait <= MAX_WAIT:
+        raise ProtocolError(f"chain frame wait must be a number in (0, {MAX_WAIT:g}] seconds")
+    upstream = None if header["upstream"] is None else _upstream(header["upstream"])
+    downstream = None if header["next"] is None else _downstream(header["next"])
+    return float(wait), upstream, downstream
 
 
 def parse_chain_frame(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> ChainFrame:
@@ -138,17 +151,11 @@ def parse_chain_frame(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> ChainF
         header = json.loads(payload[head : head + length].decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"chain frame header is not JSON: {exc}") from None
-    if not isinstance(header, dict) or set(header) != {"wait", "upstream", "next"}:
-        raise ProtocolError("chain frame header must hold exactly wait, upstream and next")
-    wait = header["wait"]
-    if type(wait) not in (int, float) or not math.isfinite(wait) or not 0 < wait <= MAX_WAIT:
-        raise ProtocolError(f"chain frame wait must be a number in (0, {MAX_WAIT:g}] seconds")
-    upstream = None if header["upstream"] is None else _upstream(header["upstream"])
-    downstream = None if header["next"] is None else _downstream(header["next"])
+    wait, upstream, downstream = _check_header(header)
     request = payload[head + length :]
     message = decode_message(request, limits)
     shape = () if upstream is None else tuple(_template_hidden(message).shape)
-    return ChainFrame(float(wait), upstream, downstream, request, shape)
+    return ChainFrame(wait, upstream, downstream, request, shape)
 
 
 def _fields(raw: object, names: set[str], what: str) -> dict:
@@ -157,16 +164,25 @@ def _fields(raw: object, names: set[str], what: str) -> dict:
     peer, session_id, step = raw["peer"], raw["session_id"], raw["step"]
     if not isinstance(peer, str) or not isinstance(session_id, str):
         raise ProtocolError(f"chain frame {what}: peer and session_id must be strings")
-    try:
-        parse_peer_id(peer)
-    except Exception:
-        raise ProtocolError(f"chain frame {what} names an invalid peer id") from None
+    if not _is_peer_id(peer):
+        raise ProtocolError(f"chain frame {what} names an invalid peer id")
     part, _, nonce = session_id.partition(".")
     check_client_part(part)
     check_server_nonce(nonce)
     if type(step) is not int or not 0 <= step < MAX_STEP:
         raise ProtocolError(f"chain frame {what} step must be an integer in [0, {MAX_STEP})")
     return raw
+
+
+def _is_peer_id(text: str) -> bool:
+    """A canonical peer id with an embedded public key (what every node here has)."""
+    if not 0 < len(text) <= MAX_PEER_ID_CHARS:
+        return False
+    try:
+        peer_id = parse_peer_id(text)
+        return str(peer_id) == text and peer_id.extract_public_key() is not None
+    except Exception:
+        return False
 
 
 def _upstream(raw: object) -> Upstream:

@@ -436,6 +436,16 @@ def test_chain_frames_round_trip():
     frame = ChainFrame(2.5, up, down, _TEMPLATE)
     parsed = parse_chain_frame(encode_chain_frame(frame))
     assert parsed == dataclasses.replace(frame, shape=(1, 1, 8))
+    # The encoder refuses what a hop would refuse (the client never gets a hop banned
+    # for a frame of its own making).
+    for bad in [
+        dataclasses.replace(frame, wait=float("nan")),
+        dataclasses.replace(frame, next=dataclasses.replace(down, addrs=())),
+        dataclasses.replace(frame, upstream=dataclasses.replace(up, peer="nobody")),
+        dataclasses.replace(frame, upstream=dataclasses.replace(up, step=-1)),
+    ]:
+        with pytest.raises(ProtocolError):
+            encode_chain_frame(bad)
 
 
 _bad_numbers = st.one_of(
