@@ -20,7 +20,8 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256(b"trustswarm-tensors-v2\n")
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        # The tensor's own memory, not a copy of it (hashlib reads any contiguous buffer).
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
         h.update(json.dumps([name, str(t.dtype), list(t.shape), len(data)]).encode() + b"\n")
         h.update(data)
     return h.hexdigest()
