@@ -19,8 +19,8 @@ One run does, with the real SmolLM2-135M-Instruct (imported once, like `make dem
 * with `--profile`: where a step's time goes, on the client (embedding + LM head, codec,
   signature checks, digests, stream writes, waiting for answers) and on each server
   (codec, digests, signing, thread hop, the runner's own overhead, each block), in ms per
-  decode and prefill step (bench/generation_profile.py: the servers then run under its
-  wrapper). Instrumented runs are slower: take tokens/s from a run without it.
+  decode and prefill step (trustswarm.testing.step_profile patches the processes, the
+  servers run under its wrapper; bench/generation_profile.py prints the report). Instrumented runs are slower: take tokens/s from a run without it.
 
 Smoke run (tiny settings, no timing claims): `--new-tokens 4 --repeats 1
 --server-threads 1 --quiet-wait 0 --profile`.
@@ -43,7 +43,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from generation_profile import ClientProfile, Tally, print_profile
+from generation_profile import print_profile
+
+from trustswarm.testing.step_profile import ClientProfile, Tally
 
 BLOCK_SPANS = ("0:10", "10:20", "20:30")
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -111,7 +113,7 @@ class CpuWatch:
 
 class Swarm:
     """Three block servers on loopback, blocks 0:10, 10:20, 20:30 (profiled with
-    `profile`: they run under bench/generation_profile.py and write its tallies)."""
+    `profile`: they run under trustswarm.testing.step_profile and write its tallies)."""
 
     def __init__(
         self,
@@ -139,8 +141,8 @@ class Swarm:
     def _spawn(self, i: int, initial: list[str]) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "trustswarm"]
         if self.profile:
-            wrapper = Path(__file__).resolve().with_name("generation_profile.py")
-            cmd = [sys.executable, str(wrapper), str(self.tally_files[i])]
+            module = "trustswarm.testing.step_profile"
+            cmd = [sys.executable, "-m", module, str(self.tally_files[i])]
         cmd += ["node", "start", "--model", str(self.model_dir), "--blocks", BLOCK_SPANS[i]]
         cmd += ["--identity", str(self.work / f"node{i}.key")]
         cmd += ["--listen", self.listen[i], "--log-level", "WARNING"]
