@@ -20,6 +20,7 @@ CLIENT_ROWS = (
     "stream writes",
     "waiting for answers (reads)",
 )
+LOCAL_ROWS = ("embedding", "LM head (norm + lm_head)")  # outside the session's loop
 SERVER_ROWS = (
     "codec decode",
     "codec encode",
@@ -68,9 +69,14 @@ def print_profile(client: Tally, servers: list[tuple[str, Tally]]) -> dict:
         print(f"\n--- {kind}: {steps} steps ({walls} with a wall time) ---")
         rows = [(name, client.ms(kind, name, steps)) for name in CLIENT_ROWS]
         wall = client.ms(kind, "TOTAL wall", walls)
-        explained = sum(v for _, v in rows)
-        rows.append(("other (bridge, generate loop, sampling)", max(wall - explained, 0.0)))
-        rows.append(("TOTAL wall per step", wall))
+        remote = client.ms(kind, "remote step (loop.run)", steps)
+        local = sum(v for name, v in rows if name in LOCAL_ROWS)
+        inside = sum(v for name, v in rows if name not in LOCAL_ROWS)
+        rows += [
+            ("sync->trio bridge + session bookkeeping", max(remote - inside, 0.0)),
+            ("generate loop, sampling, history (HF side)", max(wall - local - remote, 0.0)),
+            ("TOTAL wall per step", wall),
+        ]
         print("client")
         for label, value in rows:
             print(f"  {label:<50}{value:9.3f}")

@@ -287,6 +287,14 @@ class ClientProfile:
             "read_frame",
             lambda fn: timed_async(fn, self, "waiting for answers (reads)", self.current),
         )
+        from trustswarm.client.loop import BackgroundLoop
+
+        # The caller's thread waiting for the session's trio loop: the remote part of a step.
+        _patch_method(
+            BackgroundLoop,
+            "run",
+            lambda fn: timed_sync(fn, self, "remote step (loop.run)", self.current),
+        )
         _report_missing("client")
 
     def hook(self, model: object) -> None:

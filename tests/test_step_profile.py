@@ -100,6 +100,7 @@ def test_profile_records_every_category(tiny_model_dir: Path, tmp_path: Path):
         "digests + chain links",
         "stream writes",
         "waiting for answers (reads)",
+        "remote step (loop.run)",
     ):
         assert client.seconds[DECODE][category] > 0, category
     # every answer's signature is checked: one per server per decode step at least
