@@ -36,7 +36,7 @@ from trustswarm.protocol.chained import (
     splice_hidden,
 )
 from trustswarm.protocol.codec import Message, decode_message, encode_message
-from trustswarm.protocol.digests import tensors_digest
+from trustswarm.protocol.digests import bytes_digest, tensors_digest
 from trustswarm.protocol.errors import ProtocolError
 from trustswarm.protocol.evidence import Evidence
 from trustswarm.protocol.framing import (
@@ -410,6 +410,42 @@ def test_a_forwarded_input_not_from_the_named_upstream_is_refused(chain_swarm):
     assert refused["error"] == "bad_request" and "did not name" in refused["message"]
     assert answer["error"] == "busy" and "did not arrive" in answer["message"]
     assert target.server.ctx.chained.forwarded == 0
+
+
+def test_an_input_that_comes_before_its_chain_frame_is_kept_and_used(chain_swarm):
+    """A bare client chains two hops but sends the second hop its frame only after the
+    first hop has forwarded: the second hop takes the kept input, and its signed request
+    is the template with the first hop's output spliced in."""
+    first, second, _ = chain_swarm.servers
+    hidden = torch.randn(1, 2, first.server.runner.hidden_size)
+
+    async def run() -> tuple[Message, Message, bytes]:
+        async with running_host(make_host(Identity.generate()), []) as host:
+            s1, c1 = await _raw_session(host, first, 0, 2)
+            s2, c2 = await _raw_session(host, second, 2, 4)
+            down = Downstream(second.peer_id, tuple(second.addrs), c2.session_id, 0)
+            await write_frame(
+                s1, encode_chain_frame(ChainFrame(5.0, None, down, _step_bytes(c1, hidden)))
+            )
+            with trio.fail_after(10):
+                a1, _ = await receive_message(s1)
+            raise_if_error(a1)
+            with trio.fail_after(10):  # the forward is done (and kept as early)
+                while first.server.ctx.chained.forwarded < 1:
+                    await trio.sleep(0.05)
+            template = _step_bytes(c2, torch.zeros_like(hidden))
+            up = Upstream(first.peer_id, c1.session_id, 0)
+            await write_frame(s2, encode_chain_frame(ChainFrame(5.0, up, None, template)))
+            with trio.fail_after(10):
+                a2, _ = await receive_message(s2)
+            return a1, raise_if_error(a2), template
+
+    a1, a2, template = chain_swarm.loop.run(run)
+    expected_request = splice_hidden(template, a1.tensor("hidden_states"))
+    statement = SignedStatement.from_meta(a2.meta)
+    statement.verify()
+    assert statement.statement.request_digest == bytes_digest(expected_request)
+    assert statement.statement.server_peer_id == second.peer_id
 
 
 # -- the chain frame parser ---------------------------------------------------------
