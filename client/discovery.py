@@ -41,9 +41,10 @@ class DiscoveryBounds:
     page_timeout: float = 5.0  # one page request, dial excluded
     paging_seconds: float = 15.0  # the whole paging phase
     concurrency: int = 16  # info calls in flight
+    max_view: int = 96  # servers kept in the view (and re-checked each refresh)
 
     def __post_init__(self) -> None:
-        for name in ("per_block", "max_contacts", "contact_rounds", "ask_peers"):
+        for name in ("per_block", "max_contacts", "contact_rounds", "ask_peers", "max_view"):
             value = getattr(self, name)
             if type(value) is not int or not 1 <= value <= 10_000:
                 raise ValueError(f"{name} must be an integer in [1, 10000], got {value!r}")
@@ -72,6 +73,7 @@ class DiscoveryStats:
     rechecked: int = 0  # servers already in use and peers asked, dialled for info
     contacted: int = 0  # new servers dialled for info (at most max_contacts)
     answered: int = 0  # of the new ones
+    dropped: int = 0  # servers the view let go of (beyond max_view)
     seconds: float = 0.0
 
     @property

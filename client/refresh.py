@@ -16,6 +16,7 @@ falls back to reading the DHT and asking every known server (SwarmClient._refres
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -35,10 +36,11 @@ from .discovery import (
     Pager,
     contact_in_rounds,
     model_blocks,
+    select_contacts,
 )
 
 if TYPE_CHECKING:
-    from .swarm import SwarmClient
+    from .swarm import SwarmClient, SwarmView
 
 log = logging.getLogger("trustswarm.client")
 
@@ -130,8 +132,34 @@ async def refresh_by_discovery(
         stats,
         rng,
     )
+    stats.dropped = prune_view(view, bounds, num_blocks)
     stats.seconds = time.monotonic() - began
     return stats
+
+
+def prune_view(view: SwarmView, bounds: DiscoveryBounds, num_blocks: int) -> int:
+    """Keep at most `max_view` servers (each refresh re-checks all it keeps, and every
+    refresh may explore new ones): first enough to cover each block `per_block` times,
+    established and nearest first, then the nearest others. Returns how many it dropped."""
+    if len(view.servers) <= bounds.max_view:
+        return 0
+    trust, wall = view.trust, time.time()
+
+    def preference(ann: Announcement) -> tuple[int, float]:
+        established = trust is not None and trust.state(ann.peer_id, wall) == OK
+        return (0 if established else 1, view.rtts.get(ann.peer_id, math.inf))
+
+    ordered = sorted(view.servers.values(), key=preference)
+    keep = {a.peer_id for a in select_contacts(ordered, [0] * num_blocks, bounds.per_block,
+                                                bounds.max_view)}  # fmt: skip
+    for ann in ordered:
+        if len(keep) >= bounds.max_view:
+            break
+        keep.add(ann.peer_id)
+    dropped = [peer for peer in view.servers if peer not in keep]
+    for peer in dropped:
+        del view.servers[peer]
+    return len(dropped)
 
 
 async def refresh_all(client: SwarmClient) -> None:

@@ -26,6 +26,7 @@ from trustswarm.client.discovery import (
     needy_range,
     select_contacts,
 )
+from trustswarm.client.refresh import prune_view
 from trustswarm.client.swarm import SwarmClient, SwarmView
 from trustswarm.node.peers import answer_query, parse_cursor
 from trustswarm.protocol.announcement import (
@@ -230,6 +231,20 @@ def test_one_source_of_sybils_gets_a_fair_share_of_contacts():
         directory.add(ann, "honest-peer")
     first = directory.ordered(lambda p: False, random.Random(1))[:20]
     assert {a.peer_id for a in anns[80:]} <= {a.peer_id for a in first}
+
+
+def test_the_view_keeps_at_most_max_view_servers_covering_every_block():
+    view = SwarmView("m", None)
+    anns = [s.announcement for s in pool()]
+    view.servers = {a.peer_id: a for a in anns}
+    view.rtts = {a.peer_id: i / 100 for i, a in enumerate(anns)}
+    bounds = DiscoveryBounds(per_block=3, max_view=40)
+    assert prune_view(view, bounds, 30) == len(anns) - 40
+    assert len(view.servers) == 40
+    for block in range(30):
+        available = sum(a.covers(block) for a in anns)
+        assert sum(a.covers(block) for a in view.servers.values()) >= min(3, available)
+    assert prune_view(view, bounds, 30) == 0  # within bounds: nothing more goes
 
 
 # ---- real nodes on loopback ------------------------------------------------------
