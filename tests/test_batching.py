@@ -318,3 +318,42 @@ def test_node_start_batches_unless_told_not_to(tmp_path: Path) -> None:
     assert ServerConfig().batch_steps is True
     with pytest.raises(ValueError):
         ServerConfig(batch_steps="no")  # type: ignore[arg-type]
+
+
+def test_sub_span_sessions_batch_and_spans_never_mix(runner: BlockRunner) -> None:
+    """Sessions on blocks 2:5 of a 0:6 server batch among themselves; a 0:6 session
+    queued with them runs in a pass of its own."""
+    g = torch.Generator().manual_seed(7)
+    subs, refs = [], []
+    for n in (2, 5):
+        cache, ref = runner.new_cache(1, 32, 2, 5), runner.new_cache(1, 32, 2, 5)
+        prompt = torch.randn(1, n, runner.hidden_size, generator=g)
+        runner.step(cache, prompt)
+        runner.step(ref, prompt)
+        subs.append(StepRequest(cache, torch.randn(1, 1, runner.hidden_size, generator=g)))
+        refs.append(ref)
+    full = _decode_request(runner, 3)
+    outputs: list = [None] * 3
+
+    async def main() -> StepBatcher:
+        compute = trio.CapacityLimiter(1)
+        batcher = StepBatcher(runner, compute)
+
+        async def one(i: int, request: StepRequest) -> None:
+            outputs[i] = await batcher.step(request)
+
+        async with trio.open_nursery() as nursery:
+            await compute.acquire_on_behalf_of("busy")
+            for i, request in enumerate([subs[0], full, subs[1]]):
+                nursery.start_soon(one, i, request)
+            await trio.testing.wait_all_tasks_blocked()
+            compute.release_on_behalf_of("busy")
+        return batcher
+
+    batcher = trio.run(main)
+    assert batcher.batches_run == 1 and batcher.steps_batched == 2
+    for got, ref, request in zip([outputs[0], outputs[2]], refs, subs, strict=True):
+        torch.testing.assert_close(
+            got, runner.step(ref, request.hidden_states), atol=ATOL, rtol=1e-5
+        )
+    assert full.cache.length == 4 and outputs[1].shape == (1, 1, runner.hidden_size)
