@@ -110,7 +110,7 @@ def run_steps(
             h, pos, mask = runner.check_step(
                 request.cache, request.hidden_states, request.position_ids, request.attention_mask
             )
-        except RunnerError as exc:
+        except Exception as exc:  # its own bad input (RunnerError), reported to it alone
             results[i] = exc
             continue
         checked.append((i, _Checked(request, h, pos, mask)))
