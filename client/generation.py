@@ -66,6 +66,8 @@ class SwarmCache(Cache):
     sessions_opened: int = 0
     session_max: int = 0  # max_length of the open session
     _is_user_defined: bool = field(default=True, repr=False)
+    # Backing store of inputs / positions (views into it) with room for more steps.
+    _history: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         Cache.__init__(self, layers=[])
@@ -111,6 +113,7 @@ class SwarmCache(Cache):
     def reset(self) -> None:
         self.close()
         self.inputs = self.positions = None
+        self._history = None
 
     # -- running steps -----------------------------------------------------------------
 
@@ -144,12 +147,31 @@ class SwarmCache(Cache):
         return hidden
 
     def _remember(self, embeds: torch.Tensor, positions: torch.Tensor) -> None:
-        embeds = embeds.detach().float()
+        """Append a step's rows to the history: into a buffer that doubles when full, so a
+        decode step copies its own token, not the whole history (a cat per step did)."""
+        embeds, positions = embeds.detach().float(), positions.long()
         if self.inputs is None:
             self.inputs, self.positions = embeds, positions
-        else:
-            self.inputs = torch.cat([self.inputs, embeds], dim=1)
-            self.positions = torch.cat([self.positions, positions], dim=1)
+            return
+        seen, new = self.inputs.shape[1], embeds.shape[1]
+        buffer = self._history
+        if (
+            buffer is None
+            or buffer[0].data_ptr() != self.inputs.data_ptr()  # reordered: a new tensor
+            or buffer[0].shape[1] < seen + new
+        ):
+            capacity = max(2 * (seen + new), self.max_length)
+            rows, _, width = self.inputs.shape
+            buffer = (
+                self.inputs.new_empty(rows, capacity, width),
+                self.positions.new_empty(rows, capacity),
+            )
+            buffer[0][:, :seen] = self.inputs
+            buffer[1][:, :seen] = self.positions
+            self._history = buffer
+        buffer[0][:, seen : seen + new] = embeds
+        buffer[1][:, seen : seen + new] = positions
+        self.inputs, self.positions = buffer[0][:, : seen + new], buffer[1][:, : seen + new]
 
     def _end_session(self) -> None:
         session, self.session = self.session, None
