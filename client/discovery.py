@@ -321,7 +321,8 @@ async def contact_in_rounds(
 
     async def one(ann: Announcement) -> None:
         async with limiter:
-            stats.answered += bool(await contact(ann))
+            answered = await contact(ann)  # not `+= await`: that reads before waiting
+            stats.answered += answered
 
     for round_number in range(bounds.contact_rounds):
         have = [0] * num_blocks
