@@ -20,6 +20,7 @@ CLIENT_ROWS = (
     "stream writes",
     "waiting for answers (reads)",
 )
+TRUST_ROWS = ("ed25519 sign", "ed25519 verify", "digests + chain links")
 LOCAL_ROWS = ("embedding", "LM head (norm + lm_head)")  # outside the session's loop
 SERVER_ROWS = (
     "codec decode",
@@ -94,5 +95,14 @@ def print_profile(client: Tally, servers: list[tuple[str, Tally]]) -> dict:
         print(f"{'client waiting - servers work (network, scheduling)':<52}{transit:9.3f}")
         print("  (negative: servers' work overlaps, e.g. a chained hop forwards while answering)")
         section["network_and_scheduling"] = transit
+        trust = sum(client.ms(kind, c, steps) for c in TRUST_ROWS) + sum(
+            tally.ms(kind, c, steps) for _, tally in servers for c in TRUST_ROWS
+        )
+        share = trust / wall if wall else 0.0
+        print(
+            f"{'signing + checks (ed25519, digests, chain links), all':<52}{trust:9.3f}"
+            f"  = {100 * share:.1f} % of the wall (goal <= 2 %; sequential upper bound)"
+        )
+        section["signing_and_checks"] = {"ms": trust, "share_of_wall": share}
         out[kind] = section
     return out
