@@ -30,14 +30,16 @@ from trustswarm.protocol.chained import (
     MAX_HEADER_BYTES,
     ChainFrame,
     Downstream,
+    Expected,
     Upstream,
+    check_forwarded,
     encode_chain_frame,
     parse_chain_frame,
     splice_hidden,
 )
 from trustswarm.protocol.codec import Message, decode_message, encode_message
 from trustswarm.protocol.digests import bytes_digest, tensors_digest
-from trustswarm.protocol.errors import ProtocolError
+from trustswarm.protocol.errors import ProtocolError, SignatureError
 from trustswarm.protocol.evidence import Evidence
 from trustswarm.protocol.framing import (
     raise_if_error,
@@ -47,7 +49,7 @@ from trustswarm.protocol.framing import (
 )
 from trustswarm.protocol.identity import Identity
 from trustswarm.protocol.sessions import new_client_part, new_server_nonce, session_id_of
-from trustswarm.protocol.statement import SignedStatement, sign_statement
+from trustswarm.protocol.statement import SignedStatement, Statement, sign_statement
 from trustswarm.protocol.transport import make_host, parse_peer_addr, running_host
 from trustswarm.testing.adversary import Tamper, adversarial_server_cls
 from trustswarm.testing.local_swarm import LocalSwarm, RunningServer
@@ -565,3 +567,80 @@ def test_splicing_gives_the_request_the_client_would_send(values, bad):
             splice_hidden(_TEMPLATE, hidden)
     with pytest.raises(ProtocolError):
         splice_hidden(_TEMPLATE, torch.zeros(1, 2, 8))
+
+
+# -- what a hop takes as its input -----------------------------------------------------
+
+_UP = Identity.generate()
+_OUTPUT = torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _forwarded(output: torch.Tensor = _OUTPUT, signer: Identity = _UP, **changes) -> Message:
+    fields = {
+        "kind": "inference",
+        "server_peer_id": str(_UP.peer_id),
+        "model_id": "tiny",
+        "start": 0,
+        "end": 2,
+        "weights_digest": "a" * 64,
+        "request_digest": "b" * 64,
+        "output_digest": tensors_digest({"hidden_states": _OUTPUT}),
+        "session_id": _SESSION,
+        "step": 3,
+        "chain": "c" * 64,
+        "dtype": "float32",
+        "timestamp": 1.0,
+    }
+    statement = Statement(**{**fields, **changes})
+    meta = {**sign_statement(signer, statement).to_meta(), "to_session": "s"}
+    return Message({"hidden_states": output}, meta)
+
+
+_EXPECTED = Expected(Upstream(str(_UP.peer_id), _SESSION, 3), 2, (1, 1, 8))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    case=st.sampled_from(
+        [
+            {"kind": "forward"},
+            "another server's statement",
+            {"session_id": session_id_of(new_client_part(), new_server_nonce())},
+            {"step": 2},
+            {"model_id": "other"},
+            {"end": 3},
+            {"output_digest": "d" * 64},
+            {"dtype": "bfloat16"},
+            "other signer",
+            "other sender",
+            "other tensor",
+            "other shape",
+            "extra field",
+        ]
+    )
+)
+def test_a_forwarded_input_is_taken_only_as_the_named_upstream_signed_it(case):
+    assert torch.equal(check_forwarded(_forwarded(), _EXPECTED, str(_UP.peer_id), "tiny"), _OUTPUT)
+    sender = str(_UP.peer_id)
+    if case == "other signer":  # the signature of another statement
+        message = _forwarded()
+        other = _forwarded(step=4).meta["signature"]
+        message = Message(message.tensors, {**message.meta, "signature": other})
+    elif case == "another server's statement":
+        other = Identity.generate()
+        message = _forwarded(signer=other, server_peer_id=str(other.peer_id))
+    elif case == "other sender":
+        message, sender = _forwarded(), str(Identity.generate().peer_id)
+    elif case == "other tensor":
+        message = _forwarded(output=_OUTPUT + 1e-3)
+    elif case == "other shape":
+        wide = torch.zeros(1, 2, 8)
+        digest = tensors_digest({"hidden_states": wide})
+        message = _forwarded(output=wide, output_digest=digest)
+    elif case == "extra field":
+        message = _forwarded()
+        message = Message(message.tensors, {**message.meta, "x": "1"})
+    else:
+        message = _forwarded(**case)
+    with pytest.raises((ProtocolError, SignatureError)):
+        check_forwarded(message, _EXPECTED, sender, "tiny")
