@@ -198,8 +198,10 @@ def test_a_new_client_sees_every_block_and_every_server(bed: Bed):
         return expected <= set(view.servers)
 
     wait_until(all_seen, timeout=60, every=1.0)
-    stats = bed.client.swarm.last_discovery  # through discover pages, not the fallback
-    assert stats is not None and stats.pages >= 1 and stats.records >= 1, stats
+    # Bounded discovery, not the fallback (every server speaks /discover; with 21 servers
+    # the askers' info samples may already name enough, so pages are not required).
+    stats = bed.client.swarm.last_discovery
+    assert stats is not None and not bed.client.swarm.no_discover, stats
     print(f"\n[multihost] full coverage {seconds:.1f} s after the client started")
     # Each server was reached at its host's own address, across the bridge.
     hosts = {s["peer_id"]: bed.bed.host(s["host"]).address for s in bed.swarm.servers()}
