@@ -20,6 +20,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import multiaddr
@@ -65,6 +66,69 @@ def _established(client: SwarmClient) -> list[str]:
     return sorted(s for s in subjects if trust.state(s, wall) == OK)
 
 
+@dataclass
+class _Refresh:
+    """The state of one refresh by discovery: what answered, what did not, where."""
+
+    client: SwarmClient
+    bounds: DiscoveryBounds
+    directory: Directory
+    answered: set[str] = field(default_factory=set)
+    unreachable: set[str] = field(default_factory=set)
+    addrs: dict[str, list[multiaddr.Multiaddr]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.limiter = trio.CapacityLimiter(self.bounds.concurrency)
+        self.addrs.update({str(i.peer_id): list(i.addrs) for i in self.client.initial_peers})
+
+    async def check(self, peer: str) -> bool:
+        """Info from `peer`; its own announcement (and its info sample) as candidates."""
+        view = self.client.view
+        known = view.servers.get(peer)
+        async with self.limiter:
+            info = await self.client.contact(
+                peer, self.addrs.get(peer) or (parse_addrs(known.addrs) if known else [])
+            )
+        if info is None:
+            self.unreachable.add(peer)
+            return False
+        self.answered.add(peer)
+        if peer in view.servers:
+            self.directory.add(view.servers[peer], peer)
+        for other in info.known:  # a random sample: more candidates, not more contacts
+            accepted = view.acceptable(other)
+            if accepted is not None:
+                self.directory.add(accepted, peer)
+        return True
+
+    async def recheck(self, peers: Sequence[str]) -> None:
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(self.check, peer)
+
+    async def contact(self, ann: Announcement) -> bool:
+        return True if ann.peer_id in self.answered else await self.check(ann.peer_id)
+
+    async def contact_candidates(self, stats: DiscoveryStats, rng: random.Random) -> None:
+        """Contact enough of the directory's candidates, established ones first."""
+        view = self.client.view
+        for ann in self.directory.records.values():
+            self.addrs.setdefault(ann.peer_id, parse_addrs(ann.addrs))
+        trust = view.trust
+        candidates = self.directory.ordered(
+            lambda p: trust is not None and trust.state(p) == OK, rng
+        )
+        await contact_in_rounds(
+            [a for a in candidates if a.peer_id not in self.answered],
+            lambda: [view.servers[p] for p in self.answered if p in view.servers],
+            self.directory.num_blocks,
+            self.bounds,
+            self.contact,
+            stats,
+            rng,
+        )
+
+
 async def refresh_by_discovery(
     client: SwarmClient, bounds: DiscoveryBounds, rng: random.Random | None = None
 ) -> DiscoveryStats | None:
@@ -77,61 +141,19 @@ async def refresh_by_discovery(
     if num_blocks == 0 or not askers:
         return None
     began = time.monotonic()
-    directory = Directory(num_blocks)
-    pager = Pager(client.host, directory, view.acceptable, bounds)
+    state = _Refresh(client, bounds, Directory(num_blocks))
+    pager = Pager(client.host, state.directory, view.acceptable, bounds)
     stats = pager.stats
-    answered: set[str] = set()
-    unreachable: set[str] = set()
-    addrs = {str(info.peer_id): list(info.addrs) for info in client.initial_peers}
-    limiter = trio.CapacityLimiter(bounds.concurrency)
-
-    async def check(peer: str) -> bool:
-        """Info from `peer`; its own announcement (and its info sample) as candidates."""
-        known = view.servers.get(peer)
-        async with limiter:
-            info = await client.contact(
-                peer, addrs.get(peer) or (parse_addrs(known.addrs) if known else [])
-            )
-        if info is None:
-            unreachable.add(peer)
-            return False
-        answered.add(peer)
-        if peer in view.servers:
-            directory.add(view.servers[peer], peer)
-        for other in info.known:  # a random sample: more candidates, not more contacts
-            accepted = view.acceptable(other)
-            if accepted is not None:
-                directory.add(accepted, peer)
-        return True
-
     recheck = list(dict.fromkeys([*askers, *view.servers]))
-    async with trio.open_nursery() as nursery:
-        for peer in recheck:
-            nursery.start_soon(check, peer)
+    await state.recheck(recheck)
     stats.rechecked = len(recheck)
     await pager.ask_all([parse_peer_id(p) for p in askers], _established(client))
     client.no_discover |= pager.no_discover
     if stats.pages == 0 and stats.failed_peers:  # nobody we asked answers discover
         return None
-    for peer in unreachable:  # re-checked, gone: out until it answers again
+    for peer in state.unreachable:  # re-checked, gone: out until it answers again
         view.servers.pop(peer, None)
-
-    async def contact(ann: Announcement) -> bool:
-        return await check(ann.peer_id) if ann.peer_id not in answered else True
-
-    for ann in directory.records.values():
-        addrs.setdefault(ann.peer_id, parse_addrs(ann.addrs))
-    trust = view.trust
-    candidates = directory.ordered(lambda p: trust is not None and trust.state(p) == OK, rng)
-    await contact_in_rounds(
-        [a for a in candidates if a.peer_id not in answered],
-        lambda: [view.servers[p] for p in answered if p in view.servers],
-        num_blocks,
-        bounds,
-        contact,
-        stats,
-        rng,
-    )
+    await state.contact_candidates(stats, rng)
     stats.dropped = prune_view(view, bounds, num_blocks)
     stats.seconds = time.monotonic() - began
     return stats
