@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,6 +119,41 @@ def test_hosts_get_their_own_benchmarking_range_addresses_and_a_failing_body_cle
                 listener.close()
             raise RuntimeError("test body failed")
     assert namespaces() == before  # all deleted, although the body raised
+
+
+def test_shaping_limits_a_hosts_bandwidth_and_refuses_what_the_kernel_lacks():
+    with TestBed(["a", "c"], prefix="tsunit") as testbed:
+        if not testbed.shaping.netem:
+            with pytest.raises(TestBedError, match="netem"):
+                testbed.shape("a", LinkShape(delay_ms=10))
+        if not testbed.shaping.tbf:
+            pytest.skip(testbed.shaping.describe())
+        testbed.shape("a", LinkShape(rate_mbit=8))  # a's outgoing traffic: 1 MB/s
+        c = testbed.host("c").address
+        with testbed.inside("c"):
+            listener = socket.create_server((c, 0))
+        received = []
+
+        def drain() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                while chunk := conn.recv(1 << 16):
+                    received.append(len(chunk))
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        try:
+            began = time.monotonic()
+            with testbed.inside("a"):
+                sender = socket.create_connection((c, listener.getsockname()[1]), timeout=30)
+            with sender:
+                sender.sendall(b"x" * 1_500_000)
+            reader.join(30)
+            seconds = time.monotonic() - began
+        finally:
+            listener.close()
+        assert sum(received) == 1_500_000
+        assert seconds > 1.0, seconds  # 12 Mbit at 8 Mbit/s: at least ~1.4 s
 
 
 def test_a_later_bed_removes_what_a_killed_run_left_behind():
