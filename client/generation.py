@@ -31,6 +31,8 @@ from transformers.cache_utils import Cache
 
 from trustswarm.protocol.errors import TrustswarmError
 
+from .history import GrowingHistory
+
 
 class GenerationArgumentError(TrustswarmError, ValueError):
     """An argument `generate` cannot honour with a swarm-backed cache."""
@@ -66,8 +68,9 @@ class SwarmCache(Cache):
     sessions_opened: int = 0
     session_max: int = 0  # max_length of the open session
     _is_user_defined: bool = field(default=True, repr=False)
-    # Backing store of inputs / positions (views into it) with room for more steps.
-    _history: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # Backing stores of inputs / positions (views into them) with room for more steps.
+    _inputs: GrowingHistory = field(default_factory=GrowingHistory, repr=False)
+    _positions: GrowingHistory = field(default_factory=GrowingHistory, repr=False)
 
     def __post_init__(self) -> None:
         Cache.__init__(self, layers=[])
@@ -113,7 +116,6 @@ class SwarmCache(Cache):
     def reset(self) -> None:
         self.close()
         self.inputs = self.positions = None
-        self._history = None
 
     # -- running steps -----------------------------------------------------------------
 
@@ -147,31 +149,11 @@ class SwarmCache(Cache):
         return hidden
 
     def _remember(self, embeds: torch.Tensor, positions: torch.Tensor) -> None:
-        """Append a step's rows to the history: into a buffer that doubles when full, so a
-        decode step copies its own token, not the whole history (a cat per step did)."""
-        embeds, positions = embeds.detach().float(), positions.long()
-        if self.inputs is None:
-            self.inputs, self.positions = embeds, positions
-            return
-        seen, new = self.inputs.shape[1], embeds.shape[1]
-        buffer = self._history
-        if (
-            buffer is None
-            or buffer[0].data_ptr() != self.inputs.data_ptr()  # reordered: a new tensor
-            or buffer[0].shape[1] < seen + new
-        ):
-            capacity = max(2 * (seen + new), self.max_length)
-            rows, _, width = self.inputs.shape
-            buffer = (
-                self.inputs.new_empty(rows, capacity, width),
-                self.positions.new_empty(rows, capacity),
-            )
-            buffer[0][:, :seen] = self.inputs
-            buffer[1][:, :seen] = self.positions
-            self._history = buffer
-        buffer[0][:, seen : seen + new] = embeds
-        buffer[1][:, seen : seen + new] = positions
-        self.inputs, self.positions = buffer[0][:, : seen + new], buffer[1][:, : seen + new]
+        """Append a step's rows to the history (client/history.py: a decode step writes its
+        own token, not a copy of the whole history)."""
+        hint = self.max_length
+        self.inputs = self._inputs.append_to(self.inputs, embeds.detach().float(), hint)
+        self.positions = self._positions.append_to(self.positions, positions.long(), hint)
 
     def _end_session(self) -> None:
         session, self.session = self.session, None

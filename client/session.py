@@ -28,6 +28,7 @@ from trustswarm.protocol.sessions import (
     session_id_of,
 )
 
+from .history import GrowingHistory
 from .routing import Hop
 from .rpc import SpanCall, checked_statement, close_quietly, open_stream
 from .swarm import SwarmClient
@@ -79,6 +80,8 @@ class _HopSession:
     # Every step as sent and answered: the evidence if an answer turns out wrong.
     transcript: list[SignedExchange] = field(default_factory=list)
     ended: bool = False  # offered for an audit (once, when its session is over)
+    _inputs: GrowingHistory = field(default_factory=GrowingHistory, repr=False)
+    _positions: GrowingHistory = field(default_factory=GrowingHistory, repr=False)
 
     @property
     def peer(self) -> str:
@@ -93,10 +96,9 @@ class _HopSession:
         return self.chain.step
 
     def remember(self, hidden: torch.Tensor, positions: torch.Tensor) -> None:
-        self.inputs = hidden if self.inputs is None else torch.cat([self.inputs, hidden], dim=1)
-        self.positions = (
-            positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
-        )
+        """Append a step to the replay history (client/history.py: no copy of all of it)."""
+        self.inputs = self._inputs.append_to(self.inputs, hidden)
+        self.positions = self._positions.append_to(self.positions, positions)
 
 
 @dataclass

@@ -1,14 +1,17 @@
-"""SwarmCache's record of every row's inputs (what a replay re-sends) grows in a buffer
-instead of a cat per step: it must hold exactly what a cat would, through steps of any
-size, reorders (beam search), replays and a session reopened larger."""
+"""Client histories (SwarmCache's record of every row's inputs, each hop's replay history)
+grow in a buffer instead of a cat per step (client/history.py): they must hold exactly
+what a cat would, through steps of any size, reorders (beam search), replays and a
+session reopened larger."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trustswarm.client.generation import SwarmCache
+from trustswarm.client.history import GrowingHistory
 
 HIDDEN = 3
 
@@ -82,3 +85,41 @@ def test_a_decode_step_does_not_copy_the_history():
         cache.step(torch.randn(1, 1, HIDDEN), torch.tensor([[t]]), torch.ones(1, t + 1))
         assert cache.inputs.untyped_storage().data_ptr() == storage  # appended in place
     assert cache.get_seq_length() == 40
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(st.integers(1, 6), st.just("replace"), st.just("retype")), max_size=15
+    ),
+    rows=st.integers(1, 3),
+    hint=st.integers(0, 20),
+)
+def test_growing_history_equals_concatenation(steps: list, rows: int, hint: int):
+    history, owner = GrowingHistory(), None  # owner: the attribute a session keeps
+    want: torch.Tensor | None = None
+    dtype = torch.float32
+    for step in steps:
+        if step == "replace" and want is not None:  # the owner swaps in other rows
+            want = owner = want.flip(0).clone()
+            continue
+        if step == "retype":
+            dtype = torch.float64 if dtype == torch.float32 else torch.float32
+            continue
+        if step == "replace":
+            continue
+        part = torch.randn(rows, step, 2, dtype=dtype)
+        before = part.clone()
+        owner = history.append_to(owner, part, hint)
+        want = part if want is None else torch.cat([want, part], dim=1)
+        assert torch.equal(owner, want) and owner.dtype == want.dtype
+        assert torch.equal(part, before)  # the caller's tensor is never written to
+
+
+def test_growing_history_refuses_other_rows():
+    history = GrowingHistory()
+    history.append(torch.zeros(2, 1, 3))
+    with pytest.raises(ValueError):
+        history.append(torch.zeros(1, 1, 3))
+    with pytest.raises(ValueError):
+        history.append(torch.zeros(2, 1, 4))
