@@ -18,6 +18,7 @@ with the same prefix left behind (namespaces named after a process that is gone)
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import re
@@ -150,7 +151,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_leftovers(prefix: str) -> list[str]:
-    """Delete namespaces `<prefix>-<pid>-*` whose creating process is gone."""
+    """Delete namespaces `<prefix>-<pid>-*` whose creating process is gone, after killing
+    what still runs inside them (a bed's own servers and verifiers, orphaned)."""
     listing = run_ip(["netns", "list"], check=False).stdout
     pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)-\S+")
     removed = []
@@ -158,9 +160,18 @@ def remove_leftovers(prefix: str) -> list[str]:
         match = pattern.match(line.strip())
         if match and not _pid_alive(int(match.group(1))):
             name = line.split()[0]
+            for pid in run_ip(["netns", "pids", name], check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             run_ip(["netns", "delete", name], check=False)
             removed.append(name)
     return removed
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: SIGKILL when the thread that started it exits, so a test
+    process killed outright leaves no servers behind (prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _setns(path: Path | str) -> None:
@@ -283,10 +294,14 @@ class TestBed:
         run_ip(["-n", self.bridge_ns, "link", "set", self.host(name).bridge_port, "up"])
 
     def popen(self, name: str, argv: Sequence[str], **kwargs: object) -> subprocess.Popen:
-        """Start `argv` inside the host (killed by close())."""
+        """Start `argv` inside the host (killed by close(), and when the calling thread
+        exits: call it from a thread that outlives the process, e.g. the main one)."""
         host = self.host(name)
         process = subprocess.Popen(
-            ["ip", "netns", "exec", host.namespace, *argv], start_new_session=True, **kwargs
+            ["ip", "netns", "exec", host.namespace, *argv],
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, no locks taken
+            **kwargs,
         )
         self.processes.append(process)
         return process

@@ -13,6 +13,7 @@ Needs root and iproute2 (CI runs as root); skipped with the reason otherwise.
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 import subprocess
 import threading
@@ -161,11 +162,26 @@ def test_a_later_bed_removes_what_a_killed_run_left_behind():
     dead.wait()  # a pid that no longer runs
     stale = f"tsunit-{dead.pid}-x"
     run_ip(["netns", "add", stale])
+    orphan = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "60"])
     try:
+        time.sleep(0.3)  # inside the namespace by now
         with TestBed(["a"], prefix="tsunit"):
             assert stale not in namespaces()
+            assert orphan.wait(5) == -signal.SIGKILL  # what ran inside it is gone too
     finally:
+        orphan.kill()
         run_ip(["netns", "delete", stale], check=False)
+
+
+def test_bed_processes_die_with_the_thread_that_started_them():
+    with TestBed(["a"], prefix="tsunit") as testbed:
+        started: list[subprocess.Popen] = []
+        thread = threading.Thread(
+            target=lambda: started.append(testbed.popen("a", ["sleep", "60"]))
+        )
+        thread.start()
+        thread.join()
+        assert started[0].wait(5) == -signal.SIGKILL
 
 
 def test_bad_arguments_are_refused_before_anything_is_built():
