@@ -16,6 +16,7 @@ from trustswarm.protocol.errors import SwarmError
 from trustswarm.protocol.evidence import DisagreementReport, Evidence
 
 from .agreement import Answer, RedundantCall
+from .history import GrowingHistory
 from .redundant import choose_replicas
 from .reference import LocalReference
 from .routing import Hop
@@ -31,12 +32,13 @@ class _ReplicaGroup:
     replicas: list[_HopSession]
     inputs: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    _inputs: GrowingHistory = field(default_factory=GrowingHistory, repr=False)
+    _positions: GrowingHistory = field(default_factory=GrowingHistory, repr=False)
 
     def remember(self, hidden: torch.Tensor, positions: torch.Tensor) -> None:
-        self.inputs = hidden if self.inputs is None else torch.cat([self.inputs, hidden], dim=1)
-        self.positions = (
-            positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
-        )
+        """Append a step to the group's history (client/history.py: no copy of all of it)."""
+        self.inputs = self._inputs.append_to(self.inputs, hidden)
+        self.positions = self._positions.append_to(self.positions, positions)
 
 
 @dataclass
