@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import multiaddr
 import trio
 
-from trustswarm.protocol.announcement import Announcement, providers_key
+from trustswarm.protocol.announcement import MAX_ID_CHARS, Announcement, providers_key
 from trustswarm.protocol.identity import parse_peer_id
 from trustswarm.reputation.score import OK
 
@@ -62,7 +62,7 @@ def _established(client: SwarmClient) -> list[str]:
     if trust is None:
         return []
     wall = time.time()
-    subjects = {subject for _, subject in trust.records}
+    subjects = {s for _, s in trust.records if isinstance(s, str) and 0 < len(s) <= MAX_ID_CHARS}
     return sorted(s for s in subjects if trust.state(s, wall) == OK)
 
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from trustswarm.client.discovery import (
     Directory,
     DiscoveryBounds,
+    Pager,
     needy_range,
     select_contacts,
 )
@@ -319,6 +320,41 @@ def answer_query_all(server) -> list[str]:  # noqa: ANN001 - a BlockServer
         if not page.next_cursor:
             return out
         page = server._discover(DiscoveryQuery(0, 6, page.next_cursor))
+
+
+@pytest.mark.timeout(120)
+def test_established_servers_are_asked_for_by_peer_id_and_contacted_first(tiny_model_dir):
+    swarm = LocalSwarm(tiny_model_dir)
+    try:
+        node = swarm.start_server((0, 6))
+        server = node.server
+        digest = server.model_dir.manifest.span_digest(0, 6)
+        foreign = []
+        for _ in range(60):
+            key, value = foreign_record(server.model_id, digest, 0, 6)
+            server.dht.value_store.put(key.encode(), value, validity=time.time() + 120)
+            foreign.append(json.loads(value)["announcement"]["peer_id"])
+        wanted = foreign[7:10]
+        view = SwarmView(server.model_id, server.model_dir.manifest.span_digest)
+
+        async def run() -> Directory:
+            host = make_host(Identity.generate())
+            async with running_host(host, []):
+                info = parse_peer_addr(node.addrs[0])
+                await host.connect(info)
+                directory = Directory(6)
+                bounds = DiscoveryBounds(pages_per_peer=1)  # the by-id page only
+                pager = Pager(host, directory, view.acceptable, bounds)
+                await pager.ask_all([info.peer_id], wanted)
+                return directory
+
+        directory = swarm.loop.run(run)
+        assert set(directory.records) == set(wanted)
+        directory.add(server.announcement.announcement, "x")
+        order = directory.ordered(lambda p: p in wanted[1:], random.Random(0))
+        assert {a.peer_id for a in order[:2]} == set(wanted[1:])  # established first
+    finally:
+        swarm.close()
 
 
 @pytest.mark.timeout(240)
