@@ -120,6 +120,12 @@ def answer_query(known: Sequence[SignedAnnouncement], query: DiscoveryQuery) -> 
     the first pages to whoever boasts most. A seeded random order gives every matching
     record the same chance on every page; clients bring their own ranking (their
     verifiers' reputation, which they can ask for by peer id)."""
+    newest: dict[str, SignedAnnouncement] = {}  # one record per server, its newest
+    for signed in known:
+        current = newest.get(signed.announcement.peer_id)
+        if current is None or current.announcement.issued_at < signed.announcement.issued_at:
+            newest[signed.announcement.peer_id] = signed
+    known = list(newest.values())
     if query.peers:
         wanted = set(query.peers)
         found = [s.to_bytes().decode() for s in known if s.announcement.peer_id in wanted]

@@ -172,13 +172,27 @@ def test_records_added_or_gone_between_pages_never_repeat_the_rest():
     extra = list(pool()[60:])
 
     def churn(current):  # noqa: ANN001, ANN202
-        return current[1:] + extra[:3] if extra else current  # one leaves, three arrive
+        arriving = [extra.pop() for _ in range(min(3, len(extra)))]
+        return current[1:] + arriving  # one leaves, up to three new ones arrive
 
     pages = page_through(known, 0, 30, churn)
     seen = [p for page in pages for p in page]
     assert len(seen) == len(set(seen))
     stayed = {s.announcement.peer_id for s in known[len(pages) :]}  # never removed
     assert stayed <= set(seen)
+
+
+def test_two_records_of_one_peer_come_once_the_newest():
+    older = pool()[0]
+    ann = older.announcement
+    who = Identity.generate()
+    base = Announcement(str(who.peer_id), "m", 0, 30, DIGEST, "float32", 1.0,
+                        ann.addrs, ann.issued_at, ann.expires_at)  # fmt: skip
+    newer = Announcement(**{**base.__dict__, "issued_at": ann.issued_at + 1})
+    records = [sign_announcement(who, base), sign_announcement(who, newer)]
+    page = answer_query(records, DiscoveryQuery(0, 30))
+    assert len(page.records) == 1 and page.matching == 1
+    assert json.loads(page.records[0])["announcement"]["issued_at"] == newer.issued_at
 
 
 def test_first_pages_are_a_fresh_random_order_that_boasting_cannot_buy():
