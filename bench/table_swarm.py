@@ -38,7 +38,7 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _first_addr(proc: subprocess.Popen, what: str, log: Path, timeout: float = 300) -> str:
+def first_addr(proc: subprocess.Popen, what: str, log: Path, timeout: float = 300) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -100,11 +100,11 @@ class Servers:
 
     def join(self) -> None:
         """Wait for the first server, start the others, wait for them."""
-        self.addrs.append(_first_addr(self.procs[0], "server 0", self._logs[0]))
+        self.addrs.append(first_addr(self.procs[0], "server 0", self._logs[0]))
         for i in range(1, len(self.spans)):
             self._spawn(i, self.addrs[:1])
         for i in range(1, len(self.spans)):
-            self.addrs.append(_first_addr(self.procs[i], f"server {i}", self._logs[i]))
+            self.addrs.append(first_addr(self.procs[i], f"server {i}", self._logs[i]))
         peer = self.addrs[0].split("/p2p/")[1]
         self.client_peers = [f"{self._announce[0]}/p2p/{peer}" if self.wan else self.addrs[0]]
 
@@ -117,7 +117,7 @@ class Servers:
         for i in range(first, len(self.spans)):
             self._spawn(i, self.addrs[:1])
         for i in range(first, len(self.spans)):
-            self.addrs.append(_first_addr(self.procs[i], f"server {i}", self._logs[i]))
+            self.addrs.append(first_addr(self.procs[i], f"server {i}", self._logs[i]))
 
     def __enter__(self) -> Servers:
         try:
@@ -138,7 +138,7 @@ class Servers:
         self.verifier = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True
         )
-        _first_addr(self.verifier, "verifier", log)
+        first_addr(self.verifier, "verifier", log)
 
     def stop_verifier(self) -> None:
         if self.verifier is not None:

@@ -24,6 +24,9 @@ from .rpc import close_quietly
 from .session import InferenceSession, _HopSession
 from .vote_head import VoteHead
 
+# Cuts of the blocks tried when opening (servers that fail are banned between tries).
+OPEN_ATTEMPTS = 3
+
 
 @dataclass
 class _ReplicaGroup:
@@ -49,6 +52,22 @@ class RedundantInferenceSession(InferenceSession):
     groups: list[_ReplicaGroup] = field(default_factory=list)
 
     async def open(self) -> None:
+        """Open k replicas for every segment. A segment whose servers fail to open (they
+        are banned for it) is not the end: the blocks are cut again over the servers
+        left, e.g. two shorter segments where one long one no longer has k servers."""
+        for attempt in range(OPEN_ATTEMPTS):
+            short = await self._open_groups()
+            if short is None:
+                return
+            await self.close()
+            if attempt == OPEN_ATTEMPTS - 1:
+                raise SwarmError(
+                    f"redundancy={self.redundancy}: only {short[2]} servers could open a "
+                    f"session for blocks {short[0]}:{short[1]}"
+                )
+
+    async def _open_groups(self) -> tuple[int, int, int] | None:
+        """Fill every segment; None, or (start, end, replicas opened) of one left short."""
         view = self.swarm.view
         for start, end in view.segments(self.start, self.end, self.redundancy):
             group = _ReplicaGroup(start, end, [])
@@ -56,11 +75,9 @@ class RedundantInferenceSession(InferenceSession):
             while len(group.replicas) < self.redundancy:
                 replica = await self._spare(group, None, {h.peer for h in group.replicas})
                 if replica is None:
-                    raise SwarmError(
-                        f"redundancy={self.redundancy}: only {len(group.replicas)} servers "
-                        f"could open a session for blocks {start}:{end}"
-                    )
+                    return start, end, len(group.replicas)
                 group.replicas.append(replica)
+        return None
 
     def servers(self) -> list[tuple[int, int, list[str]]]:
         return [(g.start, g.end, [r.peer for r in g.replicas]) for g in self.groups]

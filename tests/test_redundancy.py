@@ -296,3 +296,28 @@ def test_honest_float32_and_bfloat16_replicas_agree(tiny_model_dir, local_model)
             torch.testing.assert_close(logits, honest, atol=1e-4, rtol=0)
     finally:
         swarm.close()
+
+
+def test_a_segment_whose_servers_fail_to_open_is_cut_again(tiny_model_dir, local_model):
+    """The client sees two full-span servers and cuts 0:6 as one segment for k=2; one of
+    them is gone when the session opens. It is banned, and the blocks are cut again over
+    the servers left (0:3 and 3:6 have two each), instead of failing the session."""
+    swarm = LocalSwarm(tiny_model_dir)
+    try:
+        full = [swarm.start_server(FULL) for _ in range(2)]
+        for span in ((0, 3), (0, 3), (3, 6), (3, 6)):
+            swarm.start_server(span)
+        with _client(swarm, tiny_model_dir, 2) as model:
+            view = model.swarm.view
+            assert view.segments(0, 6, 2) == [FULL]
+            swarm.kill(full[1])
+            ids = PROMPT
+            out = model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=[])
+            with torch.no_grad():
+                expected = local_model.generate(
+                    ids, max_new_tokens=3, do_sample=False, attention_mask=torch.ones_like(ids)
+                )
+            assert torch.equal(out, expected)
+            assert full[1].peer_id in view.bans
+    finally:
+        swarm.close()
