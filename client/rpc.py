@@ -15,7 +15,12 @@ from trustswarm.protocol.codec import Message, dtype_name
 from trustswarm.protocol.digests import bytes_digest, tensors_digest
 from trustswarm.protocol.errors import ProtocolError, SignatureError
 from trustswarm.protocol.evidence import SignedExchange
-from trustswarm.protocol.framing import raise_if_error, receive_message, send_message
+from trustswarm.protocol.framing import (
+    close_quietly,
+    raise_if_error,
+    receive_message,
+    send_message,
+)
 from trustswarm.protocol.limits import DEFAULT_LIMITS, Limits
 from trustswarm.protocol.sessions import SessionChain
 from trustswarm.protocol.statement import (
@@ -49,16 +54,6 @@ class SpanCall:
 async def open_stream(host: IHost, peer_id: ID, protocol: TProtocol, timeout: float) -> INetStream:
     with trio.fail_after(timeout):
         return await host.new_stream(peer_id, [protocol])
-
-
-async def close_quietly(stream: INetStream | None) -> None:
-    if stream is None:
-        return
-    with trio.move_on_after(1):
-        try:
-            await stream.close()
-        except Exception:  # noqa: S110 - closing a dead stream is fine
-            pass
 
 
 def checked_answer(

@@ -50,7 +50,13 @@ from trustswarm.protocol.chained import (
 )
 from trustswarm.protocol.codec import Message, decode_message
 from trustswarm.protocol.errors import BUSY, LimitExceededError, ProtocolError, SignatureError
-from trustswarm.protocol.framing import error_message, raise_if_error, receive_message, send_message
+from trustswarm.protocol.framing import (
+    close_quietly,
+    error_message,
+    raise_if_error,
+    receive_message,
+    send_message,
+)
 from trustswarm.protocol.info import call_info
 from trustswarm.protocol.transport import parse_multiaddr
 
@@ -142,11 +148,7 @@ class _Links:
 
     async def drop(self, stream: INetStream) -> None:
         self.open -= 1
-        with trio.move_on_after(1):
-            try:
-                await stream.close()
-            except Exception:  # noqa: S110 - closing a dead stream is fine
-                pass
+        await close_quietly(stream)
 
 
 @dataclass

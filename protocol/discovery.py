@@ -26,7 +26,7 @@ from libp2p.peer.id import ID
 from .announcement import MAX_BLOCKS, MAX_ID_CHARS, SignedAnnouncement
 from .codec import Message
 from .errors import ProtocolError
-from .framing import raise_if_error, receive_message, send_message
+from .framing import close_quietly, raise_if_error, receive_message, send_message
 from .limits import DEFAULT_LIMITS, DISCOVERY_PAGE_CHARS, DISCOVERY_PAGE_RECORDS, Limits
 
 DISCOVER = TProtocol("/trustswarm/discover/1")
@@ -178,10 +178,6 @@ async def call_discover(
             await send_message(stream, query.to_message(), limits)
             answer, raw = await receive_message(stream, limits)
         finally:
-            with trio.move_on_after(1):
-                try:
-                    await stream.close()
-                except Exception:  # noqa: S110 - closing a dead stream is fine
-                    pass
+            await close_quietly(stream)
     raise_if_error(answer)
     return DiscoveryPage.from_message(answer), len(raw)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import struct
 from typing import Protocol
 
+import trio
+
 from .codec import Message, decode_message, encode_message
 from .errors import ERROR_CODES, INTERNAL, LimitExceededError, ProtocolError, RemoteError
 from .limits import DEFAULT_LIMITS, Limits
@@ -20,6 +22,21 @@ _WRITE_CHUNK = 1024 * 1024  # keeps each yamux write well inside one window
 class ByteStream(Protocol):
     async def read(self, n: int | None = -1) -> bytes: ...
     async def write(self, data: bytes) -> None: ...
+
+
+class ClosableStream(Protocol):
+    async def close(self) -> None: ...
+
+
+async def close_quietly(stream: ClosableStream | None) -> None:
+    """Close a stream, waiting at most a second; a stream already dead is fine."""
+    if stream is None:
+        return
+    with trio.move_on_after(1):
+        try:
+            await stream.close()
+        except Exception:  # noqa: S110 - closing a dead stream is fine
+            pass
 
 
 class StreamClosed(ProtocolError):

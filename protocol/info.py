@@ -13,7 +13,7 @@ from libp2p.peer.id import ID
 from .announcement import SignedAnnouncement
 from .codec import Message
 from .errors import ProtocolError, SignatureError
-from .framing import raise_if_error, receive_message, send_message
+from .framing import close_quietly, raise_if_error, receive_message, send_message
 from .limits import DEFAULT_LIMITS, Limits
 from .protocols import INFO
 
@@ -39,11 +39,7 @@ async def call_info(
             await send_message(stream, Message(), limits)
             answer, _ = await receive_message(stream, limits)
     finally:
-        with trio.move_on_after(1):
-            try:
-                await stream.close()
-            except Exception:  # noqa: S110 - closing a dead stream is fine
-                pass
+        await close_quietly(stream)
     rtt = time.perf_counter() - began
     raise_if_error(answer)
     try:

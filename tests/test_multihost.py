@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM
 from trustswarm.client import DistributedModelForCausalLM
 from trustswarm.client.redundant import choose_replicas
 from trustswarm.client.replicas import network_of
+from trustswarm.testing.local_verifier import wait_until
 from trustswarm.testing.netns import (
     LinkShape,
     TestBed,
@@ -73,15 +74,6 @@ def layout() -> dict[str, list[dict]]:
     hosts = {h: [{"span": list(s), "seed": i} for i, s in enumerate(SPANS)] for h in SERVER_HOSTS}
     hosts["h2"][-1] = {"span": [0, NUM_BLOCKS], "kind": "noise", "seed": 7}
     return hosts
-
-
-def wait_until(predicate, timeout: float, every: float = 0.2) -> float:  # noqa: ANN001
-    began = time.monotonic()
-    while not predicate():
-        if time.monotonic() - began > timeout:
-            raise TimeoutError(f"condition not met within {timeout} s")
-        time.sleep(every)
-    return time.monotonic() - began
 
 
 def namespaces() -> set[str]:
